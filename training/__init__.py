@@ -1,0 +1,1 @@
+"""p3dmm.training"""
