@@ -1,0 +1,415 @@
+"""FLAME forward model as pure functions over an array module, with analytic VJPs.
+
+Every function takes all arrays it needs as arguments and works on NumPy or CuPy
+(``xp = get_array_module(x)``). Semantics are those of the reference FLAME layer
+(smplx ``FLAME`` + ``lbs``):
+
+    v_shaped = v_template + shapedirs . [shape, expr]
+    J        = J_regressor . v_shaped                       (expression moves joints)
+    R_j      = rodrigues(pose_j)
+    v_posed  = v_shaped + posedirs . concat_{j=1..4} vec(R_j - I)
+    G_j      = G_parent(j) . [R_j | J_j - J_parent(j)]       (G_0 = [R_0 | J_0])
+    A_j      = G_j . [I | -J_j]
+    v        = sum_j w_vj A_j [v_posed; 1] + transl
+
+The only deliberate difference from smplx is Rodrigues: smplx adds 1e-8 to the
+rotation vector before taking its norm; here small angles use a Taylor series, which
+is exact to float64 round-off and has a well-defined derivative at zero (the two
+differ by < 1e-7 in any rotation entry).
+
+The backward functions are vector-Jacobian products: given dL/dv they return dL/d
+(shape, expr, pose, transl) without forming Jacobians. Cost is one transposed basis
+product (15069 x 400) plus O(V) work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import InputError
+from .xp import get_array_module
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .flame_model import FlameModel, FlameParams
+
+__all__ = [
+    "ForwardCache",
+    "ParamGrads",
+    "blend_shapes",
+    "blend_shapes_vjp",
+    "flame_forward",
+    "flame_vjp",
+    "landmarks_from_embedding",
+    "lbs_skinning",
+    "regress_joints",
+    "rigid_transforms",
+    "rigid_transforms_vjp",
+    "rodrigues",
+    "rodrigues_vjp",
+    "dynamic_contour_bins",
+]
+
+# Below this angle (radians) the Rodrigues coefficients use their Taylor series.
+_TAYLOR_THETA = 1e-2
+
+
+# --------------------------------------------------------------------------- Rodrigues
+def _rodrigues_coeffs(theta: Any, xp: Any) -> tuple[Any, Any, Any, Any]:
+    """Coefficients of R = I + a K + b K^2 and their scaled derivatives.
+
+    Args:
+        theta: ``(N,) float64`` rotation angles.
+
+    Returns:
+        a = sin t / t, b = (1 - cos t) / t^2, c = a'(t) / t, d = b'(t) / t, each ``(N,)``.
+    """
+    small = theta < _TAYLOR_THETA
+    t = xp.where(small, 1.0, theta)  # avoid 0/0 on the unused branch
+    t2 = theta * theta
+    s, co = xp.sin(t), xp.cos(t)
+    a = xp.where(small, 1.0 - t2 / 6.0 + t2 * t2 / 120.0, s / t)
+    b = xp.where(small, 0.5 - t2 / 24.0 + t2 * t2 / 720.0, (1.0 - co) / (t * t))
+    c = xp.where(small, -1.0 / 3.0 + t2 / 30.0 - t2 * t2 / 840.0, (t * co - s) / t**3)
+    d = xp.where(small, -1.0 / 12.0 + t2 / 180.0 - t2 * t2 / 6720.0, (t * s - 2.0 * (1.0 - co)) / t**4)
+    return a, b, c, d
+
+
+def _skew(r: Any) -> Any:
+    """``(N, 3)`` -> ``(N, 3, 3)`` cross-product matrices, ``skew(r) @ x = r x x``."""
+    xp = get_array_module(r)
+    z = xp.zeros_like(r[:, 0])
+    x, y, w = r[:, 0], r[:, 1], r[:, 2]
+    return xp.stack(
+        [xp.stack([z, -w, y], -1), xp.stack([w, z, -x], -1), xp.stack([-y, x, z], -1)],
+        axis=-2,
+    )
+
+
+def rodrigues(rvec: Any) -> Any:
+    """Axis-angle vectors to rotation matrices.
+
+    Args:
+        rvec: ``(N, 3)`` axis-angle vectors (angle = norm, radians).
+
+    Returns:
+        ``(N, 3, 3)`` rotation matrices in the dtype of ``rvec``.
+    """
+    xp = get_array_module(rvec)
+    r = rvec.astype(xp.float64)
+    theta = xp.sqrt((r * r).sum(-1))
+    a, b, _, _ = _rodrigues_coeffs(theta, xp)
+    K = _skew(r)
+    eye = xp.eye(3, dtype=xp.float64)
+    R = eye + a[:, None, None] * K + b[:, None, None] * (K @ K)
+    return R.astype(rvec.dtype)
+
+
+def rodrigues_vjp(rvec: Any, grad_R: Any) -> Any:
+    """Vector-Jacobian product of :func:`rodrigues`.
+
+    With K = skew(r), R = I + a K + b K^2 and K^2 = r r^T - t^2 I:
+    ``dL/dr = c <G,K> r + a w(G) + d <G,K^2> r + b (G r + G^T r - 2 tr(G) r)``
+    where ``w(G) = (G21 - G12, G02 - G20, G10 - G01)`` satisfies ``<G, skew(v)> = v . w(G)``.
+
+    Args:
+        rvec: ``(N, 3)`` axis-angle vectors.
+        grad_R: ``(N, 3, 3)`` dL/dR.
+
+    Returns:
+        ``(N, 3)`` dL/drvec in the dtype of ``rvec``.
+    """
+    xp = get_array_module(rvec)
+    r = rvec.astype(xp.float64)
+    G = grad_R.astype(xp.float64)
+    theta = xp.sqrt((r * r).sum(-1))
+    a, b, c, d = _rodrigues_coeffs(theta, xp)
+    w = xp.stack([G[:, 2, 1] - G[:, 1, 2], G[:, 0, 2] - G[:, 2, 0], G[:, 1, 0] - G[:, 0, 1]], -1)
+    trG = G[:, 0, 0] + G[:, 1, 1] + G[:, 2, 2]
+    Gr = xp.einsum("nij,nj->ni", G, r)  # (G r)[n, i] = sum_j G[n, i, j] r[n, j]
+    GTr = xp.einsum("nji,nj->ni", G, r)  # (G^T r)[n, i] = sum_j G[n, j, i] r[n, j]
+    rGr = (r * Gr).sum(-1)
+    g_K = (r * w).sum(-1)  # <G, K>
+    g_K2 = rGr - theta * theta * trG  # <G, r r^T - t^2 I>
+    out = (
+        (c * g_K + d * g_K2 - 2.0 * b * trG)[:, None] * r
+        + a[:, None] * w
+        + b[:, None] * (Gr + GTr)
+    )
+    return out.astype(rvec.dtype)
+
+
+# -------------------------------------------------------------------- blend shapes
+def blend_shapes(coeffs: Any, basis: Any) -> Any:
+    """Linear blend shapes.
+
+    Args:
+        coeffs: ``(K,)`` coefficients.
+        basis: ``(V, 3, K)`` blend-shape basis.
+
+    Returns:
+        ``(V, 3)`` offsets; ``out[v, i] = sum_k basis[v, i, k] * coeffs[k]``.
+    """
+    V = basis.shape[0]
+    # out[(v, i)] = sum_k B[(v, i), k] * c[k]
+    return (basis.reshape(V * 3, -1) @ coeffs).reshape(V, 3)
+
+
+def blend_shapes_vjp(grad_offsets: Any, basis: Any) -> Any:
+    """VJP of :func:`blend_shapes`: ``(V, 3)`` dL/doffsets -> ``(K,)`` dL/dcoeffs."""
+    V = basis.shape[0]
+    # g[k] = sum_(v, i) B[(v, i), k] * G[(v, i)]
+    return grad_offsets.reshape(V * 3) @ basis.reshape(V * 3, -1)
+
+
+def regress_joints(J_regressor: Any, vertices: Any) -> Any:
+    """``(J, V) @ (V, 3) -> (J, 3)`` joint locations."""
+    # J[j, i] = sum_v Jr[j, v] * verts[v, i]
+    return J_regressor @ vertices
+
+
+# -------------------------------------------------------------- kinematic chain
+def rigid_transforms(R: Any, J: Any, parents: np.ndarray) -> tuple[Any, Any, Any]:
+    """World transforms of the joints and the skinning transforms.
+
+    Args:
+        R: ``(N, 3, 3)`` local joint rotations.
+        J: ``(N, 3)`` rest joint locations.
+        parents: ``(N,)`` host int array, ``parents[0] == -1`` and ``parents[i] < i``.
+
+    Returns:
+        (GR ``(N,3,3)``, Gt ``(N,3)``, At ``(N,3)``): the posed joint frames (Gt are the
+        posed joint locations) and the translation of the skinning transforms
+        ``A_j = G_j [I | -J_j] = [GR_j | At_j]`` (their rotation part is GR).
+    """
+    xp = get_array_module(R)
+    n = R.shape[0]
+    GR = [None] * n
+    Gt = [None] * n
+    GR[0], Gt[0] = R[0], J[0]
+    for i in range(1, n):
+        p = int(parents[i])
+        GR[i] = GR[p] @ R[i]
+        Gt[i] = GR[p] @ (J[i] - J[p]) + Gt[p]
+    GRa = xp.stack(GR)
+    Gta = xp.stack(Gt)
+    # At[j, i] = Gt[j, i] - sum_k GR[j, i, k] * J[j, k]
+    At = Gta - xp.einsum("jik,jk->ji", GRa, J)
+    return GRa, Gta, At
+
+
+def rigid_transforms_vjp(
+    R: Any, J: Any, parents: np.ndarray, GR: Any, grad_AR: Any, grad_At: Any, grad_Gt: Any | None = None
+) -> tuple[Any, Any]:
+    """VJP of :func:`rigid_transforms` w.r.t. ``R`` and ``J``.
+
+    Args:
+        R, J, parents: forward inputs.
+        GR: ``(N, 3, 3)`` posed joint rotations from the forward pass.
+        grad_AR: ``(N, 3, 3)`` dL/dAR.
+        grad_At: ``(N, 3)`` dL/dAt.
+        grad_Gt: optional ``(N, 3)`` dL/d(posed joint locations).
+
+    Returns:
+        (dL/dR ``(N, 3, 3)``, dL/dJ ``(N, 3)``).
+    """
+    xp = get_array_module(R)
+    n = R.shape[0]
+    # A_t = Gt - GR J  ->  dGt += gAt ; dGR += gAR - gAt J^T ; dJ -= GR^T gAt
+    gGt = [grad_At[j] + (grad_Gt[j] if grad_Gt is not None else 0.0) for j in range(n)]
+    gGR = [grad_AR[j] - xp.outer(grad_At[j], J[j]) for j in range(n)]
+    gJ = [-(GR[j].T @ grad_At[j]) for j in range(n)]
+    gR = [None] * n
+    for i in range(n - 1, 0, -1):
+        p = int(parents[i])
+        t_rel = J[i] - J[p]
+        # GR_i = GR_p R_i ; Gt_i = GR_p t_rel + Gt_p
+        gR[i] = GR[p].T @ gGR[i]
+        g_trel = GR[p].T @ gGt[i]
+        gGR[p] = gGR[p] + gGR[i] @ R[i].T + xp.outer(gGt[i], t_rel)
+        gGt[p] = gGt[p] + gGt[i]
+        gJ[i] = gJ[i] + g_trel
+        gJ[p] = gJ[p] - g_trel
+    gR[0] = gGR[0]
+    gJ[0] = gJ[0] + gGt[0]
+    return xp.stack(gR), xp.stack(gJ)
+
+
+# ------------------------------------------------------------------- skinning
+def lbs_skinning(weights: Any, AR: Any, At: Any, v_posed: Any) -> tuple[Any, Any, Any]:
+    """Linear blend skinning.
+
+    Args:
+        weights: ``(V, N)`` skinning weights.
+        AR: ``(N, 3, 3)``, At: ``(N, 3)`` skinning transforms.
+        v_posed: ``(V, 3)`` rest-pose vertices with pose correctives.
+
+    Returns:
+        (vertices ``(V, 3)``, TR ``(V, 3, 3)``, Tt ``(V, 3)``) with the blended transforms.
+    """
+    n = AR.shape[0]
+    V = v_posed.shape[0]
+    # T[v, (i, k)] = sum_j w[v, j] * A[j, (i, k)]
+    TR = (weights @ AR.reshape(n, 9)).reshape(V, 3, 3)
+    Tt = weights @ At
+    # out[v, i] = sum_k TR[v, i, k] * vp[v, k] + Tt[v, i]
+    out = (TR * v_posed[:, None, :]).sum(-1) + Tt
+    return out, TR, Tt
+
+
+# ------------------------------------------------------------------ full model
+@dataclass
+class ForwardCache:
+    """Intermediates of :func:`flame_forward` needed by :func:`flame_vjp`."""
+
+    pose: Any
+    R: Any
+    J: Any
+    GR: Any
+    posed_joints: Any
+    v_posed: Any
+    TR: Any
+
+
+@dataclass
+class ParamGrads:
+    """Gradients w.r.t. FLAME parameters (same layout as :class:`FlameParams`)."""
+
+    shape: Any
+    expr: Any
+    pose: Any
+    transl: Any
+
+    def to_vector(self) -> Any:
+        xp = get_array_module(self.shape)
+        return xp.concatenate([self.shape.ravel(), self.expr.ravel(), self.pose.ravel(), self.transl.ravel()])
+
+
+def _check_params(model: "FlameModel", params: "FlameParams") -> None:
+    want = {
+        "shape": (model.n_shape,),
+        "expr": (model.n_expr,),
+        "pose": (model.parents.shape[0], 3),
+        "transl": (3,),
+    }
+    for name, shp in want.items():
+        got = tuple(getattr(params, name).shape)
+        if got != shp:
+            raise InputError(f"flame_forward: params.{name} has shape {got}, expected {shp} for {model.name!r}")
+
+
+def flame_forward(model: "FlameModel", params: "FlameParams") -> tuple[Any, ForwardCache]:
+    """Posed FLAME vertices.
+
+    Args:
+        model: the FLAME arrays (NumPy or CuPy).
+        params: parameters in the model's array module; cast to the model dtype.
+
+    Returns:
+        (vertices ``(V, 3)``, cache for :func:`flame_vjp`). ``cache.posed_joints`` are
+        the posed joint locations without translation.
+    """
+    _check_params(model, params)
+    xp = get_array_module(model.v_template)
+    dt = model.v_template.dtype
+    coeffs = xp.concatenate([params.shape.astype(dt), params.expr.astype(dt)])
+    pose = params.pose.astype(dt)
+    v_shaped = model.v_template + blend_shapes(coeffs, model.shapedirs)
+    J = regress_joints(model.J_regressor, v_shaped)
+    R = rodrigues(pose)
+    eye = xp.eye(3, dtype=dt)
+    pose_feature = (R[1:] - eye).reshape(-1)
+    v_posed = v_shaped + blend_shapes(pose_feature, model.posedirs)
+    GR, Gt, At = rigid_transforms(R, J, model.parents)
+    verts, TR, _ = lbs_skinning(model.lbs_weights, GR, At, v_posed)
+    verts = verts + params.transl.astype(dt)
+    return verts, ForwardCache(pose=pose, R=R, J=J, GR=GR, posed_joints=Gt, v_posed=v_posed, TR=TR)
+
+
+def flame_vjp(model: "FlameModel", cache: ForwardCache, grad_vertices: Any) -> ParamGrads:
+    """Vector-Jacobian product of :func:`flame_forward`.
+
+    Args:
+        model: the model used in the forward pass.
+        cache: the forward cache.
+        grad_vertices: ``(V, 3)`` dL/dvertices.
+
+    Returns:
+        dL/d(shape ``(n_shape,)``, expr ``(n_expr,)``, pose ``(5, 3)``, transl ``(3,)``).
+    """
+    xp = get_array_module(grad_vertices)
+    V = model.n_vertices
+    n = model.parents.shape[0]
+    if tuple(grad_vertices.shape) != (V, 3):
+        raise InputError(f"flame_vjp: grad_vertices has shape {tuple(grad_vertices.shape)}, expected ({V}, 3)")
+    gV = grad_vertices.astype(model.v_template.dtype)
+    g_transl = gV.sum(0)
+    # v[v, i] = sum_k TR[v, i, k] vp[v, k] + Tt[v, i]
+    g_vposed = (cache.TR * gV[:, :, None]).sum(1)  # g_vp[v, k] = sum_i TR[v, i, k] gV[v, i]
+    # dL/dT[v, i, k] = gV[v, i] * vp[v, k] ;  dL/dA[j] = sum_v w[v, j] dL/dT[v]
+    g_TR = (gV[:, :, None] * cache.v_posed[:, None, :]).reshape(V, 9)
+    g_AR = (model.lbs_weights.T @ g_TR).reshape(n, 3, 3)
+    g_At = model.lbs_weights.T @ gV
+    g_R, g_J = rigid_transforms_vjp(cache.R, cache.J, model.parents, cache.GR, g_AR, g_At)
+    # pose feature = vec(R_j - I), j = 1..n-1
+    g_pf = blend_shapes_vjp(g_vposed, model.posedirs)
+    g_R = g_R + xp.concatenate([xp.zeros((1, 3, 3), dtype=g_R.dtype), g_pf.reshape(n - 1, 3, 3)])
+    g_pose = rodrigues_vjp(cache.pose, g_R)
+    # v_shaped feeds v_posed directly and the joints through J = Jr v_shaped
+    g_vshaped = g_vposed + model.J_regressor.T @ g_J
+    g_coeffs = blend_shapes_vjp(g_vshaped, model.shapedirs)
+    return ParamGrads(
+        shape=g_coeffs[: model.n_shape],
+        expr=g_coeffs[model.n_shape :],
+        pose=g_pose,
+        transl=g_transl,
+    )
+
+
+# ------------------------------------------------------------------ landmarks
+def landmarks_from_embedding(vertices: Any, faces: Any, lmk_faces: Any, lmk_bary: Any) -> Any:
+    """Barycentric landmarks.
+
+    Args:
+        vertices: ``(V, 3)``.
+        faces: ``(F, 3)`` int.
+        lmk_faces: ``(L,)`` face index per landmark.
+        lmk_bary: ``(L, 3)`` barycentric weights.
+
+    Returns:
+        ``(L, 3)``; ``out[l] = sum_k bary[l, k] * vertices[faces[lmk_faces[l], k]]``.
+    """
+    xp = get_array_module(vertices)
+    tri = vertices[faces[xp.asarray(lmk_faces)]]  # (L, 3, 3): corner k, coordinate i
+    bary = xp.asarray(lmk_bary, dtype=vertices.dtype)
+    return (bary[:, :, None] * tri).sum(1)
+
+
+def dynamic_contour_bins(pose: Any, parents: np.ndarray = np.array([-1, 0, 1, 1, 1])) -> int:
+    """Yaw bin (0..78) of the dynamic contour embedding for a head pose.
+
+    The yaw is taken from the composed rotation of the root and the neck (the chain
+    from the neck up to the root), as DECA/FLAME's dynamic landmark selection does:
+    yaw angle ``atan2(-R20, sqrt(R00^2 + R10^2))`` in degrees, negated, rounded and
+    clipped to [-39, 39]; non-negative angles map to bins 0..39 and negative angles
+    to 40..78 (``39 - angle``).
+
+    Args:
+        pose: ``(5, 3)`` axis-angle pose.
+
+    Returns:
+        The bin index as a Python int.
+    """
+    from .xp import to_numpy
+
+    p = to_numpy(pose).astype(np.float64)
+    Rs = rodrigues(p[:2])
+    Rrel = Rs[0] @ Rs[1]
+    sy = np.sqrt(Rrel[0, 0] ** 2 + Rrel[1, 0] ** 2)
+    yaw = -np.degrees(np.arctan2(-Rrel[2, 0], sy))
+    angle = int(np.round(min(yaw, 39.0)))
+    if angle < 0:
+        angle = 78 if angle < -39 else 39 - angle
+    return angle

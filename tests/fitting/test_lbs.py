@@ -1,0 +1,177 @@
+"""FLAME forward and VJPs against torch.autograd (tests only) and finite differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from p3dmm.fitting import FlameParams
+from p3dmm.fitting.lbs import (
+    dynamic_contour_bins,
+    flame_forward,
+    flame_vjp,
+    landmarks_from_embedding,
+    rodrigues,
+    rodrigues_vjp,
+)
+
+from .flame_fixtures import random_flame_model, random_params
+
+torch = pytest.importorskip("torch")
+
+
+# ---------------------------------------------------------------- torch reference
+def torch_flame(model, shape, expr, pose, transl):
+    """Independent torch expression of FLAME (smplx semantics), Rodrigues via matrix_exp."""
+    T = lambda a: torch.as_tensor(np.asarray(a))  # noqa: E731
+    v_t, sd, pd = T(model.v_template), T(model.shapedirs), T(model.posedirs)
+    Jr, W = T(model.J_regressor), T(model.lbs_weights)
+    coeffs = torch.cat([shape, expr])
+    v_shaped = v_t + torch.einsum("vik,k->vi", sd, coeffs)
+    J = Jr @ v_shaped
+    z = torch.zeros_like(pose[:, 0])
+    K = torch.stack(
+        [
+            torch.stack([z, -pose[:, 2], pose[:, 1]], -1),
+            torch.stack([pose[:, 2], z, -pose[:, 0]], -1),
+            torch.stack([-pose[:, 1], pose[:, 0], z], -1),
+        ],
+        -2,
+    )
+    R = torch.linalg.matrix_exp(K)
+    eye = torch.eye(3, dtype=R.dtype)
+    pf = (R[1:] - eye).reshape(-1)
+    v_posed = v_shaped + torch.einsum("vip,p->vi", pd, pf)
+    parents = model.parents
+    G = [None] * 5
+    bottom = torch.tensor([[0, 0, 0, 1]], dtype=R.dtype)
+    for i in range(5):
+        t = J[i] if i == 0 else J[i] - J[parents[i]]
+        Ti = torch.cat([torch.cat([R[i], t[:, None]], 1), bottom], 0)
+        G[i] = Ti if i == 0 else G[parents[i]] @ Ti
+    G = torch.stack(G)
+    A = G.clone()
+    A[:, :3, 3] = G[:, :3, 3] - torch.einsum("jik,jk->ji", G[:, :3, :3], J)
+    Tv = torch.einsum("vj,jab->vab", W, A)
+    vh = torch.cat([v_posed, torch.ones_like(v_posed[:, :1])], 1)
+    return torch.einsum("vab,vb->va", Tv[:, :3], vh) + transl
+
+
+def _as_torch(params: FlameParams):
+    return [torch.tensor(np.asarray(getattr(params, n)), requires_grad=True) for n in ("shape", "expr", "pose", "transl")]
+
+
+@pytest.mark.parametrize("pose_scale", [0.0, 1e-4, 0.4, 1.5])
+def test_forward_and_vjp_match_torch_autograd(pose_scale):
+    model = random_flame_model(seed=3, dtype=np.float64)
+    params = random_params(model, seed=4, pose_scale=pose_scale)
+    verts, cache = flame_forward(model, params)
+    tp = _as_torch(params)
+    tv = torch_flame(model, *tp)
+    np.testing.assert_allclose(verts, tv.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+    g = np.random.default_rng(5).normal(size=verts.shape)
+    (tv * torch.as_tensor(g)).sum().backward()
+    ours = flame_vjp(model, cache, g)
+    for name, t in zip(("shape", "expr", "pose", "transl"), tp):
+        ref = t.grad.numpy()
+        got = getattr(ours, name)
+        err = np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)
+        assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+
+
+def test_vjp_matches_finite_differences():
+    model = random_flame_model(seed=7, dtype=np.float64)
+    params = random_params(model, seed=8, pose_scale=0.5)
+    verts, cache = flame_forward(model, params)
+    g = np.random.default_rng(9).normal(size=verts.shape)
+    grad = flame_vjp(model, cache, g).to_vector()
+    x0 = params.to_vector()
+    eps = 1e-6
+    num = np.empty_like(x0)
+    for k in range(x0.size):
+        xp_, xm = x0.copy(), x0.copy()
+        xp_[k] += eps
+        xm[k] -= eps
+        fp = (flame_forward(model, FlameParams.from_vector(xp_, model.n_shape, model.n_expr))[0] * g).sum()
+        fm = (flame_forward(model, FlameParams.from_vector(xm, model.n_shape, model.n_expr))[0] * g).sum()
+        num[k] = (fp - fm) / (2 * eps)
+    err = np.abs(grad - num).max() / np.abs(num).max()
+    assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-9, 1e-3, 9e-3, 1.1e-2, 0.5, 3.0])
+def test_rodrigues_and_vjp(scale):
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=(6, 3)) * scale
+    R = rodrigues(r)
+    tr = torch.tensor(r, requires_grad=True)
+    z = torch.zeros_like(tr[:, 0])
+    K = torch.stack(
+        [torch.stack([z, -tr[:, 2], tr[:, 1]], -1), torch.stack([tr[:, 2], z, -tr[:, 0]], -1),
+         torch.stack([-tr[:, 1], tr[:, 0], z], -1)], -2)
+    TR = torch.linalg.matrix_exp(K)
+    np.testing.assert_allclose(R, TR.detach().numpy(), atol=1e-14)
+    np.testing.assert_allclose(R @ np.swapaxes(R, 1, 2), np.broadcast_to(np.eye(3), R.shape), atol=1e-14)
+    G = rng.normal(size=(6, 3, 3))
+    (TR * torch.as_tensor(G)).sum().backward()
+    np.testing.assert_allclose(rodrigues_vjp(r, G), tr.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_float32_default_path_close_to_float64():
+    m64 = random_flame_model(seed=11, dtype=np.float64)
+    m32 = m64.astype(np.float32)
+    p = random_params(m64, seed=12)
+    v64 = flame_forward(m64, p)[0]
+    v32, cache = flame_forward(m32, p.astype(np, np.float32))
+    assert v32.dtype == np.float32
+    np.testing.assert_allclose(v32, v64, atol=2e-6)
+    g = flame_vjp(m32, cache, np.ones_like(v32))
+    assert g.shape.dtype == np.float32 and g.pose.dtype == np.float32
+
+
+def test_zero_params_give_template_and_translation_is_rigid(small_model):
+    p = small_model.zero_params()
+    np.testing.assert_allclose(small_model.vertices(p), small_model.v_template, atol=1e-12)
+    p.transl = np.array([0.1, -0.2, 0.3])
+    np.testing.assert_allclose(small_model.vertices(p), small_model.v_template + p.transl, atol=1e-12)
+
+
+def test_neutral_vertices_drop_expression_and_pose(small_model):
+    p = random_params(small_model)
+    neutral = small_model.neutral_vertices(p)
+    q = small_model.zero_params()
+    q.shape = p.shape
+    np.testing.assert_allclose(neutral, small_model.vertices(q))
+
+
+def test_bad_param_shapes_raise_named_error(small_model):
+    from p3dmm.fitting import InputError
+
+    p = small_model.zero_params()
+    p.expr = np.zeros(3)
+    with pytest.raises(InputError, match=r"params\.expr has shape \(3,\), expected \(6,\)"):
+        small_model.vertices(p)
+
+
+def test_landmarks_are_barycentric_points(small_model):
+    v = small_model.v_template
+    faces = small_model.faces
+    lf = np.array([0, 5, 9])
+    bary = np.array([[1, 0, 0], [0.2, 0.3, 0.5], [0, 0, 1.0]])
+    lm = landmarks_from_embedding(v, faces, lf, bary)
+    np.testing.assert_allclose(lm[0], v[faces[0, 0]])
+    np.testing.assert_allclose(lm[1], 0.2 * v[faces[5, 0]] + 0.3 * v[faces[5, 1]] + 0.5 * v[faces[5, 2]])
+    np.testing.assert_allclose(lm[2], v[faces[9, 2]])
+
+
+def test_dynamic_contour_bins():
+    pose = np.zeros((5, 3))
+    assert dynamic_contour_bins(pose) == 0
+    pose[0, 1] = np.radians(-20)  # yaw about +y
+    b_neg = dynamic_contour_bins(pose)
+    pose[0, 1] = np.radians(20)
+    b_pos = dynamic_contour_bins(pose)
+    assert {b_neg, b_pos} == {20, 59}
+    pose[0, 1] = np.radians(80)
+    assert dynamic_contour_bins(pose) in (39, 78)
