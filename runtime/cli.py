@@ -1,0 +1,44 @@
+"""The ``p3dmm`` command line (torch-free; training commands import torch lazily)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from p3dmm.fitting.errors import P3DMMError
+
+log = logging.getLogger("p3dmm")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(out_dir=args.out, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="p3dmm", description="Pixel3DMM reconstruction: predict, fit, export, train.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the pipeline on the embedded synthetic head and write results")
+    d.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the synthetic head and the rendered face")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args))
+    except P3DMMError as e:
+        print(f"p3dmm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
