@@ -413,3 +413,110 @@ def dynamic_contour_bins(pose: Any, parents: np.ndarray = np.array([-1, 0, 1, 1,
     if angle < 0:
         angle = 78 if angle < -39 else 39 - angle
     return angle
+
+
+# ------------------------------------------------------------------ Jacobians
+def rodrigues_jvp(rvec: Any, direction: Any) -> Any:
+    """Directional derivative of :func:`rodrigues`.
+
+    Args:
+        rvec: ``(N, 3)`` axis-angle vectors.
+        direction: ``(D, N, 3)`` tangent directions.
+
+    Returns:
+        ``(D, N, 3, 3)``: ``dR = c (r.d) K + a [d]x + d_ (r.d) K^2 + b ([d]x K + K [d]x)``.
+    """
+    xp = get_array_module(rvec)
+    r = rvec.astype(xp.float64)
+    dirs = direction.astype(xp.float64)
+    theta = xp.sqrt((r * r).sum(-1))
+    a, b, c, d = _rodrigues_coeffs(theta, xp)
+    K = _skew(r)  # (N, 3, 3)
+    D = dirs.shape[0]
+    Kd = _skew(dirs.reshape(-1, 3)).reshape(D, -1, 3, 3)
+    rd = (dirs * r).sum(-1)  # (D, N)
+    out = (
+        (c * rd)[..., None, None] * K
+        + a[None, :, None, None] * Kd
+        + (d * rd)[..., None, None] * (K @ K)
+        + b[None, :, None, None] * (Kd @ K + K @ Kd)
+    )
+    return out.astype(rvec.dtype)
+
+
+_JS_CACHE: "dict[int, tuple[Any, Any]]" = {}
+
+
+def _joint_shape_basis(model: "FlameModel") -> Any:
+    """``(5, 3, K)`` derivative of the joints w.r.t. the blend-shape coefficients (cached)."""
+    key = id(model.shapedirs)
+    hit = _JS_CACHE.get(key)
+    if hit is not None and hit[0] is model.shapedirs:
+        return hit[1]
+    V = model.n_vertices
+    # dJ[j, i, k] = sum_v Jr[j, v] * S[v, i, k]
+    js = (model.J_regressor @ model.shapedirs.reshape(V, -1)).reshape(model.J_regressor.shape[0], 3, -1)
+    _JS_CACHE.clear()
+    _JS_CACHE[key] = (model.shapedirs, js)
+    return js
+
+
+def flame_jacobian(model: "FlameModel", cache: ForwardCache, vertex_ids: Any = None) -> Any:
+    """Exact Jacobian of posed vertices w.r.t. ``[shape, expr, pose (15)]``.
+
+    Forward-mode differentiation of :func:`flame_forward` (translation columns are the
+    identity and are omitted). The coefficient columns include the joints' dependence on
+    shape and expression through ``J_regressor``.
+
+    Args:
+        model: the model of the forward pass.
+        cache: its :class:`ForwardCache`.
+        vertex_ids: optional ``(M,)`` vertex subset (default: all vertices).
+
+    Returns:
+        ``(M, 3, n_shape + n_expr + 15)`` in the model dtype.
+    """
+    xp = get_array_module(model.v_template)
+    dt = model.v_template.dtype
+    n = model.parents.shape[0]
+    parents = model.parents
+    sel = slice(None) if vertex_ids is None else vertex_ids
+    W = model.lbs_weights[sel]
+    TR = cache.TR[sel]
+    vp = cache.v_posed[sel]
+    M = W.shape[0]
+    R, J, GR = cache.R, cache.J, cache.GR
+
+    # --- blend-shape coefficients: rotations fixed, joints move (dJ = Jr S)
+    dJ = _joint_shape_basis(model)  # (n, 3, K)
+    dGt = [dJ[0]] + [None] * (n - 1)
+    for i in range(1, n):
+        p = int(parents[i])
+        dGt[i] = GR[p] @ (dJ[i] - dJ[p]) + dGt[p]
+    dAt = xp.stack([dGt[j] - GR[j] @ dJ[j] for j in range(n)])  # (n, 3, K)
+    K = dAt.shape[-1]
+    # Jc[v, i, k] = sum_l TR[v, i, l] S[v, l, k] + sum_j W[v, j] dAt[j, i, k]
+    Jc = TR @ model.shapedirs[sel] + (W @ dAt.reshape(n, 3 * K)).reshape(M, 3, K)
+
+    # --- pose: one direction per axis-angle component
+    eye = xp.eye(3 * n, dtype=dt).reshape(3 * n, n, 3)
+    dR = rodrigues_jvp(cache.pose, eye)  # (15, n, 3, 3), only joint i of direction 3i+a is non-zero
+    dGR = [dR[:, 0]] + [None] * (n - 1)
+    dGtp = [xp.zeros((3 * n, 3), dtype=dt)] + [None] * (n - 1)
+    for i in range(1, n):
+        p = int(parents[i])
+        t_rel = J[i] - J[p]
+        dGR[i] = dGR[p] @ R[i] + GR[p] @ dR[:, i]
+        dGtp[i] = dGR[p] @ t_rel + dGtp[p]
+    dGRa = xp.stack(dGR, 1)  # (15, n, 3, 3)
+    dAtp = xp.stack(dGtp, 1) - (dGRa @ J[None, :, :, None])[..., 0]  # (15, n, 3)
+    D = 3 * n
+    # dTR[d, v] = sum_j W[v, j] dGR[d, j]
+    dTR = (W @ dGRa.transpose(1, 0, 2, 3).reshape(n, D * 9)).reshape(M, D, 3, 3)
+    dTt = (W @ dAtp.transpose(1, 0, 2).reshape(n, D * 3)).reshape(M, D, 3)
+    dpf = dR[:, 1:].reshape(D, 9 * (n - 1))  # pose-feature derivative
+    V = model.n_vertices
+    dvp = (model.posedirs.reshape(V * 3, -1) @ dpf.T).reshape(V, 3, D)[sel]  # (M, 3, D)
+    # dv[v, i, d] = sum_l dTR[v, d, i, l] vp[v, l] + dTt[v, d, i] + sum_l TR[v, i, l] dvp[v, l, d]
+    Jp = (dTR @ vp[:, None, :, None])[..., 0].transpose(0, 2, 1) + dTt.transpose(0, 2, 1) + TR @ dvp
+    return xp.concatenate([Jc, Jp], axis=2).astype(dt)

@@ -175,3 +175,32 @@ def test_dynamic_contour_bins():
     assert {b_neg, b_pos} == {20, 59}
     pose[0, 1] = np.radians(80)
     assert dynamic_contour_bins(pose) in (39, 78)
+
+
+def test_flame_jacobian_matches_vjp_and_finite_differences():
+    from p3dmm.fitting.lbs import flame_jacobian
+
+    model = random_flame_model(seed=21, dtype=np.float64)
+    params = random_params(model, seed=22, pose_scale=0.5)
+    verts, cache = flame_forward(model, params)
+    Jv = flame_jacobian(model, cache)
+    n_c = model.n_shape + model.n_expr
+    assert Jv.shape == (model.n_vertices, 3, n_c + 15)
+    # J^T g equals the VJP (shape, expr, pose)
+    g = np.random.default_rng(23).normal(size=verts.shape)
+    vjp = flame_vjp(model, cache, g)
+    JTg = np.einsum("vik,vi->k", Jv, g)
+    ref = np.concatenate([vjp.shape, vjp.expr, vjp.pose.ravel()])
+    np.testing.assert_allclose(JTg, ref, rtol=1e-9, atol=1e-12)
+    # columns against central differences
+    x0 = params.to_vector()
+    eps = 1e-6
+    for k in [0, 5, model.n_shape + 2, n_c, n_c + 4, n_c + 7, n_c + 14]:
+        d = np.zeros_like(x0)
+        d[k] = eps
+        vp_ = flame_forward(model, FlameParams.from_vector(x0 + d, model.n_shape, model.n_expr))[0]
+        vm = flame_forward(model, FlameParams.from_vector(x0 - d, model.n_shape, model.n_expr))[0]
+        np.testing.assert_allclose(Jv[:, :, k], (vp_ - vm) / (2 * eps), rtol=1e-6, atol=1e-9)
+    # subset of vertices
+    ids = np.array([3, 7, 50])
+    np.testing.assert_allclose(flame_jacobian(model, cache, ids), Jv[ids])

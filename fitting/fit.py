@@ -1,0 +1,589 @@
+"""Fit FLAME and a camera to predicted normal and UV maps.
+
+``fit(observation, model, config, device)`` runs, per image:
+
+1. validation of the maps (shape, dtype, finiteness, mask size) and of the model (UVs);
+2. UV correspondences, once: every valid FLAME vertex (``config.uv_regions``, eyeballs
+   excluded) gets the pixel whose predicted UV is nearest its template UV
+   (:func:`p3dmm.fitting.uv_nn.uv_targets`), kept if closer than ``delta_uv_sq``;
+3. initialisation from those correspondences alone (no landmark detector): an affine
+   camera fitted by least squares to template-vertex/pixel pairs gives the head rotation
+   and a weak-perspective scale, refined to a perspective rigid pose + focal length by
+   Gauss-Newton on the UV residuals;
+4. a solver over shape, expression, pose and camera: ``"paper"`` (Adam with the
+   paper's learning rates and schedule, faithful to Pixel3DMM) or ``"fast"``
+   (Levenberg-Marquardt with IRLS weights for the robust terms, analytic Jacobians).
+
+Arrays stay on the fitting device (NumPy or CuPy) throughout; results are copied to the
+host only when the :class:`FitResult` is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from .camera import FLAME_TO_OPENCV, Camera
+from .energy import EnergyTerms, EnergyWeights, FitState, Frame, NormalTargets, UVTargets, evaluate_energy, project
+from .errors import FittingError, InputError
+from .flame_model import FlameModel, FlameParams
+from .lbs import flame_forward, rodrigues
+from .xp import asarray_on, device_of, get_array_module, to_numpy
+
+__all__ = ["Observation", "FitConfig", "FitResult", "fit"]
+
+log = logging.getLogger(__name__)
+
+
+# ============================================================================ inputs
+@dataclass
+class Observation:
+    """Predicted maps of one image.
+
+    Attributes:
+        normals: ``(H, W, 3) float32`` unit normals in ``normal_space``.
+        uv: ``(H, W, 2) float32`` FLAME UV coordinates in [0, 1].
+        mask: ``(H, W)`` bool (or float in [0, 1], thresholded at 0.5) face region.
+        normal_space: ``"camera"`` (OpenCV camera axes) or ``"head"`` (FLAME frame with
+            the head's global rotation undone, the official Pixel3DMM convention).
+        shape_prior: optional ``(n_shape,)`` identity prior (e.g. from MICA).
+    """
+
+    normals: Any
+    uv: Any
+    mask: Any
+    normal_space: str = "camera"
+    shape_prior: Any = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.uv.shape[0]), int(self.uv.shape[1])
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Fitting configuration (one source of truth for both solvers).
+
+    Attributes:
+        solver: ``"fast"`` (Levenberg-Marquardt) or ``"paper"`` (Adam, paper schedule).
+        weights: energy weights (paper defaults).
+        render_size: resolution of the normal-loss render (the official tracker uses 256).
+        delta_uv_sq: squared UV distance below which a correspondence is valid (5e-5).
+        uv_regions: model mask regions whose vertices get UV targets.
+        min_targets: fewer valid correspondences than this is a FittingError.
+        min_mask_pixels: a smaller observation mask is a FittingError.
+        focal_init: initial focal length in pixels of the observation (default
+            ``2 * max(H, W)``, about 28 degrees of field of view); also the focal prior.
+        visibility_tolerance: depth slack (m) of the vertex visibility test.
+        paper_camera_steps / paper_steps: Adam steps of the camera stage / full stage.
+        lr_*: Adam learning rates per variable group (paper: shape 1e-3, expr 3e-3).
+        gn_iterations: Levenberg-Marquardt iterations of the fast solver.
+        gn_normal_stride: the fast solver uses every k-th render row/column for L_n.
+        gn_tolerance: relative energy decrease below which LM stops.
+        rerender_every: steps between re-renders (face ids, visibility) in the paper solver.
+    """
+
+    solver: str = "fast"
+    weights: EnergyWeights = field(default_factory=EnergyWeights)
+    render_size: int = 256
+    delta_uv_sq: float = 5e-5
+    uv_regions: tuple[str, ...] = ("face", "left_ear", "right_ear")
+    min_targets: int = 20
+    min_mask_pixels: int = 64
+    focal_init: float | None = None
+    visibility_tolerance: float = 0.005
+    paper_camera_steps: int = 500
+    paper_steps: int = 800
+    lr_shape: float = 1e-3
+    lr_expr: float = 3e-3
+    lr_pose: float = 3e-3
+    lr_t: float = 1e-3
+    lr_log_f: float = 3e-3
+    lr_pp: float = 0.1
+    gn_iterations: int = 12
+    gn_normal_stride: int = 2
+    gn_tolerance: float = 1e-4
+    rerender_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.solver not in ("fast", "paper"):
+            raise InputError(f"FitConfig.solver must be 'fast' or 'paper', got {self.solver!r}")
+        if self.render_size < 16:
+            raise InputError(f"FitConfig.render_size must be >= 16, got {self.render_size}")
+
+
+@dataclass
+class FitResult:
+    """Result of :func:`fit` (host NumPy arrays).
+
+    Attributes:
+        params: fitted FLAME parameters (translation zero: the camera holds it).
+        camera: fitted camera at the observation's resolution.
+        vertices: ``(V, 3) float32`` posed vertices in the FLAME/world frame.
+        neutral_vertices: ``(V, 3)`` identity only (zero expression and pose).
+        energies: final per-term energies.
+        history: per iteration dicts (iteration, total, uv, normal, regularizer).
+        iterations: solver iterations run.
+        converged: whether the stopping criterion was met (fast) / the schedule ended
+            with a finite, non-increasing energy (paper).
+        n_targets: valid UV correspondences.
+        timings: seconds per stage.
+    """
+
+    params: FlameParams
+    camera: Camera
+    vertices: np.ndarray
+    neutral_vertices: np.ndarray
+    energies: dict[str, float]
+    history: list[dict[str, float]]
+    iterations: int
+    converged: bool
+    n_targets: int
+    timings: dict[str, float]
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """Convergence report (JSON-ready)."""
+        return {
+            "iterations": self.iterations,
+            "converged": self.converged,
+            "energies": self.energies,
+            "n_targets": self.n_targets,
+            "timings": self.timings,
+        }
+
+
+# ======================================================================= validation
+def _validate(obs: Observation, model: FlameModel, config: FitConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Host-side checks; returns (normals, uv, mask) as host arrays of the right dtype."""
+    uv = to_numpy(obs.uv)
+    normals = to_numpy(obs.normals)
+    mask = to_numpy(obs.mask)
+    if uv.ndim != 3 or uv.shape[2] != 2:
+        raise InputError(f"fit: observation.uv has shape {uv.shape}, expected (H, W, 2)")
+    H, W = uv.shape[:2]
+    if normals.shape != (H, W, 3):
+        raise InputError(f"fit: observation.normals has shape {normals.shape}, expected ({H}, {W}, 3)")
+    if mask.shape != (H, W):
+        raise InputError(f"fit: observation.mask has shape {mask.shape}, expected ({H}, {W})")
+    for name, a in (("uv", uv), ("normals", normals)):
+        if not np.issubdtype(a.dtype, np.floating):
+            raise InputError(f"fit: observation.{name} has dtype {a.dtype}, expected float32")
+    if mask.dtype != bool:
+        if not np.issubdtype(mask.dtype, np.number):
+            raise InputError(f"fit: observation.mask has dtype {mask.dtype}, expected bool or float")
+        mask = mask > 0.5
+    if obs.normal_space not in ("camera", "head"):
+        raise InputError(f"fit: observation.normal_space must be 'camera' or 'head', got {obs.normal_space!r}")
+    bad = ~(np.isfinite(uv).all(-1) & np.isfinite(normals).all(-1))
+    if (bad & mask).any():
+        raise InputError(
+            f"fit: {int((bad & mask).sum())} masked pixels have NaN/inf in observation.uv or observation.normals"
+        )
+    if int(mask.sum()) < config.min_mask_pixels:
+        raise FittingError(
+            f"fit: observation.mask has {int(mask.sum())} pixels, fewer than min_mask_pixels={config.min_mask_pixels}"
+        )
+    if model.uv is None:
+        raise FittingError(f"fit: model {model.name!r} has no UV layout; load it with uv='head_template.obj'")
+    if obs.shape_prior is not None and tuple(np.shape(obs.shape_prior)) != (model.n_shape,):
+        raise InputError(f"fit: observation.shape_prior has shape {np.shape(obs.shape_prior)}, expected ({model.n_shape},)")
+    normals = np.where(mask[..., None], normals, 0.0).astype(np.float32)
+    return normals, np.where(mask[..., None], uv, 0.0).astype(np.float32), mask
+
+
+def _uv_vertex_ids(model: FlameModel, regions: tuple[str, ...]) -> np.ndarray:
+    ids = [np.asarray(model.masks[r]) for r in regions if r in model.masks]
+    if not ids:
+        # no region masks: every vertex that is not an eyeball vertex
+        eyes = [np.asarray(model.masks[r]) for r in ("left_eyeball", "right_eyeball") if r in model.masks]
+        keep = np.ones(model.n_vertices, bool)
+        for e in eyes:
+            keep[e] = False
+        return np.nonzero(keep)[0]
+    out = np.unique(np.concatenate(ids))
+    for r in ("left_eyeball", "right_eyeball"):
+        if r in model.masks:
+            out = np.setdiff1d(out, np.asarray(model.masks[r]))
+    return out
+
+
+def _downsample_normals(normals: Any, mask: Any, size: int) -> tuple[Any, Any, float]:
+    """Area-average normals (and majority mask) to ``size x size`` when H, W are multiples."""
+    xp = get_array_module(normals)
+    H, W = mask.shape
+    s = size / max(H, W)
+    if H % size == 0 and W % size == 0 and H == W:
+        k = H // size
+        n = (normals * mask[..., None]).reshape(size, k, size, k, 3).sum((1, 3))
+        m = mask.reshape(size, k, size, k).mean((1, 3)) > 0.5
+    else:
+        rows = xp.clip(((xp.arange(size) + 0.5) / s - 0.5).round().astype(xp.int64), 0, H - 1)
+        cols = xp.clip(((xp.arange(size) + 0.5) / s - 0.5).round().astype(xp.int64), 0, W - 1)
+        n = normals[rows][:, cols]
+        m = mask[rows][:, cols]
+    norm = xp.sqrt((n * n).sum(-1, keepdims=True))
+    m = m & (norm[..., 0] > 1e-6)
+    return (n / xp.maximum(norm, 1e-12)).astype(normals.dtype), m, s
+
+
+# ========================================================================= rendering
+def _render_frame(model: FlameModel, state: FitState, uv: UVTargets, size: int, scale: float, tol: float) -> Frame:
+    """Rasterize the current state at the render resolution; visibility of UV targets."""
+    from .raster import rasterize
+
+    xp = get_array_module(state.shape)
+    verts = flame_forward(model, state.params())[0]
+    Xc, _ = project(state, verts)
+    f = xp.exp(state.log_f) * scale
+    pp = (state.pp + 0.5) * scale - 0.5
+    cam = Camera(focal=f, principal=pp, R=xp.eye(3, dtype=Xc.dtype), t=xp.zeros(3, dtype=Xc.dtype), width=size, height=size)
+    frags = rasterize(Xc.astype(xp.float32), model.faces, cam, size, size)
+    # visibility: a target vertex is visible if it is not behind the rendered surface
+    Xt = Xc[uv.vertex_ids]
+    px = f * Xt[:, :2] / Xt[:, 2:3] + pp
+    col = xp.clip(xp.rint(px[:, 0]).astype(xp.int64), 0, size - 1)
+    row = xp.clip(xp.rint(px[:, 1]).astype(xp.int64), 0, size - 1)
+    inside = (px[:, 0] > -0.5) & (px[:, 0] < size - 0.5) & (px[:, 1] > -0.5) & (px[:, 1] < size - 0.5)
+    d = frags.depth[row, col]
+    visible = inside & (Xt[:, 2] > 0) & ((frags.face_id[row, col] < 0) | (Xt[:, 2] <= d + tol))
+    return Frame(face_id=frags.face_id, bary=frags.bary.astype(Xc.dtype), visible=visible)
+
+
+# ==================================================================== initialisation
+def _rotvec(R: np.ndarray) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_matrix(R).as_rotvec()
+
+
+def _init_rigid(
+    model: FlameModel, uv: UVTargets, f0: float, pp0: Any, size: tuple[int, int], weights: EnergyWeights, iters: int = 15
+) -> FitState:
+    """Head rotation, camera translation and focal from UV correspondences alone.
+
+    An affine camera ``p = M X + b`` is fitted to (template vertex, target pixel) pairs by
+    iteratively reweighted least squares; the nearest rotation to the rows of ``M``
+    gives the head rotation, its scale the depth ``f0 / s``; then :func:`_refine_rigid`.
+    """
+    xp = get_array_module(uv.pixels)
+    dt = model.v_template.dtype
+    X = to_numpy(model.v_template[uv.vertex_ids]).astype(np.float64)
+    p = to_numpy(uv.pixels).astype(np.float64)
+    pp = to_numpy(pp0).astype(np.float64)
+    A = np.concatenate([X, np.ones((len(X), 1))], 1)
+    w = np.ones(len(X))
+    for _ in range(5):
+        sol, *_ = np.linalg.lstsq(A * w[:, None], p * w[:, None], rcond=None)
+        res = np.linalg.norm(A @ sol - p, axis=1)
+        w = 1.0 / np.sqrt(np.maximum(res, 1.0))
+    M, b = sol[:3].T, sol[3]
+    s = 0.5 * (np.linalg.norm(M[0]) + np.linalg.norm(M[1]))
+    B = np.stack([M[0] / s, M[1] / s, np.cross(M[0], M[1]) / s**2])
+    U, _, Vt = np.linalg.svd(B)
+    Rc = U @ np.diag([1.0, 1.0, np.linalg.det(U @ Vt)]) @ Vt  # camera-from-FLAME rotation R0 Rg
+    Rg = FLAME_TO_OPENCV.T @ Rc
+    tz = f0 / s - float((X @ Rc.T)[:, 2].mean())
+    txy = (b - pp) / s
+    return _refine_rigid(X, p, Rg, np.array([txy[0], txy[1], tz]), math.log(f0), pp, size, weights, iters, xp, dt, model)
+
+
+def _refine_rigid(
+    X: np.ndarray,
+    p: np.ndarray,
+    Rg: np.ndarray,
+    t: np.ndarray,
+    lf: float,
+    pp: np.ndarray,
+    size: tuple[int, int],
+    weights: EnergyWeights,
+    iters: int,
+    xp: Any,
+    dt: Any,
+    model: FlameModel,
+) -> FitState:
+    """Gauss-Newton with IRLS on ``(lambda_uv / N) sum |r_v| + lambda_f (log f - log f0)^2``.
+
+    Variables: a left rotation increment in camera axes, the camera translation and the
+    log focal length; the template (zero shape/expression) is rigid here.
+    """
+    R0 = FLAME_TO_OPENCV
+    S = float(max(size))
+    lf0 = lf
+    n = max(len(X), 1)
+    for _ in range(iters):
+        Y = X @ (R0 @ Rg).T
+        Xc = Y + t
+        f = math.exp(lf)
+        Z = Xc[:, 2]
+        r = (f * Xc[:, :2] / Z[:, None] + pp - p) / S
+        rho = np.linalg.norm(r, axis=1)
+        w = (weights.uv / n) / np.maximum(rho, 1e-4)
+        w[rho * S > 4 * weights.uv_cap_px] = 0.0  # gross outliers only: the init may be far
+        rows = []
+        for k in range(2):
+            dp = np.zeros((len(X), 3))
+            dp[:, k] = f / Z
+            dp[:, 2] = -f * Xc[:, k] / Z**2
+            dp /= S
+            # d/d(omega) of dp . (omega x Y) = Y x dp ; d/dt = dp ; d/dlogf = f X_k / Z / S
+            rows.append(np.concatenate([np.cross(Y, dp), dp, (f * Xc[:, k] / Z / S)[:, None]], 1))
+        J = np.concatenate(rows)
+        rr = np.concatenate([r[:, 0], r[:, 1]])
+        ww = np.concatenate([w, w])
+        H = (J * ww[:, None]).T @ J
+        g = (J * ww[:, None]).T @ rr
+        H[6, 6] += 2 * weights.focal
+        g[6] += 2 * weights.focal * (lf - lf0)
+        delta = -np.linalg.solve(H + 1e-9 * np.trace(H) * np.eye(7), g)
+        Rg = R0.T @ rodrigues(delta[None, :3])[0] @ R0 @ Rg
+        t = t + delta[3:6]
+        lf = lf + float(delta[6])
+        if np.abs(delta).max() < 1e-8:
+            break
+    pose = np.zeros((5, 3))
+    pose[0] = _rotvec(Rg)
+    return FitState(
+        shape=xp.zeros(model.n_shape, dtype=dt),
+        expr=xp.zeros(model.n_expr, dtype=dt),
+        pose=asarray_on(xp, pose, dt),
+        t=asarray_on(xp, t, dt),
+        log_f=asarray_on(xp, lf, dt),
+        pp=asarray_on(xp, pp, dt),
+    )
+
+
+# ============================================================================ solvers
+_ADAM_GROUPS_CAMERA = ("pose", "t", "log_f", "pp")
+
+
+def _adam(
+    ctx: "_Context", state: FitState, steps: int, groups: tuple[str, ...], weights: EnergyWeights, stage: str
+) -> FitState:
+    """Adam on the energy (the paper's optimiser), re-rendering every ``rerender_every`` steps."""
+    xp = ctx.xp
+    cfg = ctx.config
+    lrs = {
+        "shape": cfg.lr_shape,
+        "expr": cfg.lr_expr,
+        "pose": cfg.lr_pose,
+        "t": cfg.lr_t,
+        "log_f": cfg.lr_log_f,
+        "pp": cfg.lr_pp,
+    }
+    m = {g: xp.zeros_like(getattr(state, g)) for g in groups}
+    v = {g: xp.zeros_like(getattr(state, g)) for g in groups}
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    frame = None
+    for it in range(steps):
+        if frame is None or it % max(cfg.rerender_every, 1) == 0:
+            frame = ctx.render(state)
+        e = ctx.energy(state, frame, weights)
+        grad = e.grad
+        if grad is None or not math.isfinite(e.total):
+            raise FittingError(f"fit: non-finite energy at {stage} step {it} ({e})")
+        for g in groups:
+            gr = getattr(grad, g)
+            if stage == "camera" and g == "pose":
+                gr = gr.copy()
+                gr[1:] = 0.0
+            m[g] = b1 * m[g] + (1 - b1) * gr
+            v[g] = b2 * v[g] + (1 - b2) * gr * gr
+            mh = m[g] / (1 - b1 ** (it + 1))
+            vh = v[g] / (1 - b2 ** (it + 1))
+            setattr(state, g, getattr(state, g) - lrs[g] * mh / (xp.sqrt(vh) + eps))
+        ctx.record(stage, it, e)
+    return state
+
+
+# ============================================================================ context
+class _Context:
+    """Per-image constants shared by the solvers."""
+
+    def __init__(
+        self,
+        model: FlameModel,
+        config: FitConfig,
+        uv: UVTargets,
+        normals: NormalTargets,
+        size: tuple[int, int],
+        shape_prior: Any,
+        focal_prior: float,
+        pp_prior: Any,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.uv = uv
+        self.normals = normals
+        self.size = size
+        self.shape_prior = shape_prior
+        self.focal_prior = focal_prior
+        self.pp_prior = pp_prior
+        self.xp = get_array_module(model.v_template)
+        self.history: list[dict[str, float]] = []
+        self.n_renders = 0
+
+    def render(self, state: FitState) -> Frame:
+        self.n_renders += 1
+        return _render_frame(
+            self.model, state, self.uv, self.config.render_size, self.normals.scale, self.config.visibility_tolerance
+        )
+
+    def energy(self, state: FitState, frame: Frame, weights: EnergyWeights | None = None, with_grad: bool = True,
+               normals: NormalTargets | None = None) -> EnergyTerms:
+        return evaluate_energy(
+            self.model,
+            state,
+            self.uv,
+            normals if normals is not None else self.normals,
+            frame,
+            weights or self.config.weights,
+            self.size,
+            shape_prior=self.shape_prior,
+            focal_prior=self.focal_prior,
+            pp_prior=self.pp_prior,
+            with_grad=with_grad,
+        )
+
+    def record(self, stage: str, it: int, e: EnergyTerms) -> None:
+        self.history.append(
+            {"stage": stage, "iteration": it, "total": e.total, "uv": e.uv, "normal": e.normal, "regularizer": e.regularizer}
+        )
+
+
+# ================================================================================ fit
+def fit(
+    observation: Observation,
+    model: FlameModel,
+    config: FitConfig | None = None,
+    device: str = "cpu",
+) -> FitResult:
+    """Fit FLAME shape, expression, pose and a camera to predicted normal/UV maps.
+
+    Args:
+        observation: the maps of one image (host or device arrays).
+        model: a FLAME model with a UV layout (host arrays; moved to ``device``).
+        config: solver and energy settings (default: fast solver, paper weights).
+        device: ``"cpu"`` (NumPy) or ``"cuda"`` (CuPy).
+
+    Returns:
+        :class:`FitResult` on the host.
+
+    Raises:
+        InputError: maps of the wrong shape/dtype, NaN/inf inside the mask.
+        FittingError: mask too small, model without UVs, too few UV correspondences,
+            or a non-finite energy during the solve.
+    """
+    config = config or FitConfig()
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    normals_h, uv_h, mask_h = _validate(observation, model, config)
+    xp = device_of(device)
+    dmodel = _model_on(model, device)
+    H, W = mask_h.shape
+    S = max(H, W)
+
+    # ------------------------------------------------------------ correspondences
+    from .uv_nn import uv_targets
+
+    t0 = time.perf_counter()
+    ids = _uv_vertex_ids(model, config.uv_regions)
+    query = asarray_on(xp, model.uv.vertex_uv[ids], np.float32)  # type: ignore[union-attr]
+    uv_d = asarray_on(xp, uv_h, np.float32)
+    mask_d = asarray_on(xp, mask_h)
+    pix, valid = uv_targets(query, uv_d, mask_d, config.delta_uv_sq)
+    n_valid = int(valid.sum())
+    if n_valid < config.min_targets:
+        raise FittingError(
+            f"fit: only {n_valid} FLAME vertices found a pixel with UV within sqrt(delta_uv_sq)="
+            f"{math.sqrt(config.delta_uv_sq):.4f} (need {config.min_targets}); the UV map does not match the "
+            f"model's UV layout or the mask is wrong"
+        )
+    ids_d = asarray_on(xp, ids)[valid]
+    uvt = UVTargets(vertex_ids=ids_d, pixels=pix[valid].astype(dmodel.v_template.dtype), n_targets=n_valid)
+    n_d, m_d, scale = _downsample_normals(
+        asarray_on(xp, normals_h, np.float32), mask_d, min(config.render_size, S)
+    )
+    ntg = NormalTargets(normals=n_d.astype(dmodel.v_template.dtype), mask=m_d, space=observation.normal_space, scale=scale)
+    timings["correspondences"] = time.perf_counter() - t0
+
+    # ----------------------------------------------------------------- init
+    t0 = time.perf_counter()
+    f0 = float(config.focal_init or 2.0 * S)
+    pp0 = np.array([(W - 1) / 2, (H - 1) / 2])
+    state = _init_rigid(dmodel, uvt, f0, pp0, (H, W), config.weights)
+    prior = None if observation.shape_prior is None else asarray_on(xp, observation.shape_prior, dmodel.v_template.dtype)
+    ctx = _Context(dmodel, config, uvt, ntg, (H, W), prior, math.log(f0), asarray_on(xp, pp0, dmodel.v_template.dtype))
+    timings["init"] = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- solve
+    t0 = time.perf_counter()
+    if config.solver == "paper":
+        cam_w = replace(config.weights, normal=0.0)
+        state = _adam(ctx, state, config.paper_camera_steps, _ADAM_GROUPS_CAMERA, cam_w, "camera")
+        state = _adam(ctx, state, config.paper_steps, FitState.NAMES, config.weights, "fit")
+        iterations = config.paper_camera_steps + config.paper_steps
+        converged = True
+    else:
+        from .gauss_newton import levenberg_marquardt
+
+        state, iterations, converged = levenberg_marquardt(ctx, state)
+    timings["solve"] = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- result
+    frame = ctx.render(state)
+    final = ctx.energy(state, frame, with_grad=False)
+    if not math.isfinite(final.total):
+        raise FittingError(f"fit: the energy became non-finite ({final}); check the observation maps")
+    if config.solver == "paper":
+        hist = [h["total"] for h in ctx.history if h["stage"] == "fit"]
+        converged = bool(hist) and hist[-1] <= hist[0]
+    params_h = FlameParams(
+        shape=to_numpy(state.shape).astype(np.float32),
+        expr=to_numpy(state.expr).astype(np.float32),
+        pose=to_numpy(state.pose).astype(np.float32),
+        transl=np.zeros(3, np.float32),
+    )
+    verts = to_numpy(flame_forward(dmodel, state.params())[0]).astype(np.float32)
+    cam = state.camera(W, H)
+    camera_h = Camera(
+        focal=np.float32(to_numpy(cam.focal)),
+        principal=to_numpy(cam.principal).astype(np.float32),
+        R=FLAME_TO_OPENCV.astype(np.float32),
+        t=to_numpy(cam.t).astype(np.float32),
+        width=W,
+        height=H,
+    )
+    neutral = model.neutral_vertices(params_h.astype(np, model.dtype)).astype(np.float32)
+    timings["total"] = time.perf_counter() - t_start
+    return FitResult(
+        params=params_h,
+        camera=camera_h,
+        vertices=verts,
+        neutral_vertices=neutral,
+        energies={"total": final.total, "uv": final.uv, "normal": final.normal, "regularizer": final.regularizer,
+                  "n_uv_active": final.n_uv_active, "n_normal_active": final.n_normal_active},
+        history=ctx.history,
+        iterations=iterations,
+        converged=converged,
+        n_targets=n_valid,
+        timings=timings,
+    )
+
+
+_MODEL_CACHE: "weakref.WeakKeyDictionary[FlameModel, FlameModel]" = weakref.WeakKeyDictionary()
+
+
+def _model_on(model: FlameModel, device: str) -> FlameModel:
+    """The model on ``device``, memoised per model so repeated GPU fits don't copy it again."""
+    if device == "cpu":
+        return model
+    if model not in _MODEL_CACHE:
+        _MODEL_CACHE[model] = model.to(device)
+    return _MODEL_CACHE[model]

@@ -1,0 +1,267 @@
+"""The fast solver: Levenberg-Marquardt with IRLS weights and analytic Jacobians.
+
+Both data terms are robust (the UV term sums 2D distances, not squares; the normal
+term is an L1 norm). Each iteration replaces them by their IRLS quadratic majorisers
+at the current state, ``|r| ~ r^2 / (2 max(|r|, eps))``, whose gradient equals the
+energy's gradient and whose Hessian is ``J^T W J`` with ``W = weight / max(|r|, eps)``.
+The gradient comes from :func:`p3dmm.fitting.energy.evaluate_energy` (checked against
+finite differences); this module only adds the Jacobians:
+
+* UV rows ``d pi(v) / d x`` for the active targets, from the exact FLAME vertex
+  Jacobian (:func:`p3dmm.fitting.lbs.flame_jacobian`) and the projection;
+* normal rows ``d n_p / d x`` through face normals -> area-weighted vertex normals ->
+  barycentric interpolation -> normalisation (-> head-space rotation), using sparse
+  incidence matrices (scipy on the CPU, cupyx on the GPU).
+
+A step is accepted when the energy (fragments held fixed) decreases; otherwise the
+damping grows. The fragments and visibility are re-rendered once per iteration.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .camera import FLAME_TO_OPENCV
+from .energy import EnergyTerms, FitState, Frame, NormalTargets, project, rendered_normals
+from .lbs import flame_forward, flame_jacobian, rodrigues, rodrigues_jvp
+from .xp import asarray_on, get_array_module
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .fit import _Context
+
+__all__ = ["levenberg_marquardt", "normal_equations"]
+
+_EPS_UV = 1e-3  # IRLS floor of the UV residual norm (image-size units; 0.5 px at 512)
+_EPS_N = 2e-2  # IRLS floor of a normal residual component
+
+
+def _sparse(xp: Any) -> Any:
+    if xp is np:
+        import scipy.sparse as sp
+    else:  # pragma: no cover - GPU only
+        import cupyx.scipy.sparse as sp
+    return sp
+
+
+def _strided_normals(ctx: "_Context") -> NormalTargets:
+    """Normal targets restricted to every k-th row and column (the fast solver's L_n)."""
+    k = max(int(ctx.config.gn_normal_stride), 1)
+    if k == 1:
+        return ctx.normals
+    xp = ctx.xp
+    m = xp.zeros_like(ctx.normals.mask)
+    m[::k, ::k] = ctx.normals.mask[::k, ::k]
+    return NormalTargets(normals=ctx.normals.normals, mask=m, space=ctx.normals.space, scale=ctx.normals.scale)
+
+
+def normal_equations(
+    ctx: "_Context", state: FitState, frame: Frame, normals: NormalTargets, energy: EnergyTerms
+) -> tuple[Any, Any]:
+    """IRLS Gauss-Newton system ``(H, g)`` at ``state`` (g is the exact energy gradient).
+
+    Returns:
+        ``H (n, n)`` and ``g (n,)`` over :meth:`FitState.to_vector`'s layout.
+    """
+    xp = ctx.xp
+    model = ctx.model
+    w = ctx.config.weights
+    dt = model.v_template.dtype
+    H_img, W_img = ctx.size
+    S = float(max(H_img, W_img))
+    n_s, n_e = model.n_shape, model.n_expr
+    nf = n_s + n_e + 15
+    n = nf + 6  # + t (3), log_f, pp (2)
+    verts, cache = flame_forward(model, state.params())
+    R0 = asarray_on(xp, FLAME_TO_OPENCV, dt)
+    H = xp.zeros((n, n), dtype=xp.float64)
+
+    # ---------------------------------------------------------------- UV rows
+    uv = ctx.uv
+    Xc, proj = project(state, verts[uv.vertex_ids])
+    r = (proj - uv.pixels) / S
+    rho = xp.sqrt((r * r).sum(-1))
+    active = frame.visible & (rho * S < w.uv_cap_px) & (Xc[:, 2] > 0)
+    idx = xp.nonzero(active)[0]
+    if idx.size:
+        ids = uv.vertex_ids[idx]
+        Xa = Xc[idx]
+        f = xp.exp(state.log_f)
+        Z = Xa[:, 2]
+        zero = xp.zeros_like(Z)
+        # dp[v, k, :] = d proj_k / d Xc / S
+        dp = xp.stack(
+            [xp.stack([f / Z, zero, -f * Xa[:, 0] / Z**2], -1), xp.stack([zero, f / Z, -f * Xa[:, 1] / Z**2], -1)], 1
+        ) / S
+        Jv = flame_jacobian(model, cache, ids)  # (A, 3, nf)
+        J_flame = dp @ (R0 @ Jv)  # (A, 2, nf)
+        J_t = dp  # (A, 2, 3)
+        J_f = (f * Xa[:, :2] / Z[:, None] / S)[:, :, None]  # (A, 2, 1)
+        J_pp = xp.broadcast_to(xp.eye(2, dtype=dt) / S, (idx.size, 2, 2))
+        J = xp.concatenate([J_flame, J_t, J_f, J_pp], 2).reshape(-1, n)
+        wt = (w.uv / uv.n_targets) / xp.maximum(rho[idx], _EPS_UV)
+        Jw = J * xp.repeat(wt, 2)[:, None]
+        H += (Jw.T @ J).astype(xp.float64)
+
+    # ------------------------------------------------------------ normal rows
+    if w.normal > 0:
+        cover = (frame.face_id >= 0) & normals.mask
+        pix = xp.nonzero(cover.reshape(-1))[0]
+        if pix.size:
+            Rg = rodrigues(state.pose[:1])[0]
+            R_out = Rg.T if normals.space == "head" else R0
+            n_out, u, vn, corners = rendered_normals(verts, model.faces, frame.face_id, frame.bary, pix, R_out)
+            d = normals.normals.reshape(-1, 3)[pix] - n_out
+            keep = xp.abs(d).mean(-1) < w.normal_outlier
+            kp = xp.nonzero(keep)[0]
+            if kp.size:
+                Jn = _normal_jacobian(ctx, verts, cache, frame, pix[kp], corners[kp], u[kp], R_out, state, normals.space)
+                wt = (w.normal / normals.n_pixels) / xp.maximum(xp.abs(d[kp]), _EPS_N)  # (P, 3)
+                Jn2 = Jn.reshape(-1, nf)
+                H[:nf, :nf] += ((Jn2 * wt.reshape(-1)[:, None]).T @ Jn2).astype(xp.float64)
+
+    # ------------------------------------------------------------ regulariser
+    reg = xp.zeros(n, dtype=xp.float64)
+    reg[:n_s] = 2 * w.identity
+    reg[n_s : n_s + n_e] = 2 * w.expression
+    pose_w = [0.0, w.neck, w.jaw, w.eyes, w.eyes]
+    for j in range(5):
+        reg[n_s + n_e + 3 * j : n_s + n_e + 3 * j + 3] = 2 * pose_w[j]
+    reg[nf + 3] = 2 * w.focal
+    reg[nf + 4 :] = 2 * w.principal / S**2
+    H += xp.diag(reg)
+    if energy.grad is None:
+        raise ValueError("normal_equations: energy must be evaluated with_grad=True")
+    return H, energy.grad.to_vector().astype(xp.float64)
+
+
+def _normal_jacobian(
+    ctx: "_Context",
+    verts: Any,
+    cache: Any,
+    frame: Frame,
+    pix: Any,
+    corners: Any,
+    u: Any,
+    R_out: Any,
+    state: FitState,
+    space: str,
+) -> Any:
+    """``(P, 3, nf)`` Jacobian of the output-space rendered normals w.r.t. FLAME params."""
+    xp = ctx.xp
+    sp = _sparse(xp)
+    model = ctx.model
+    faces = model.faces
+    V = model.n_vertices
+    dt = verts.dtype
+    P = pix.shape[0]
+    # vertices whose normals are interpolated, and the faces around them
+    used = xp.unique(corners.reshape(-1))
+    inc = _incidence(ctx)  # (V, F) vertex-face incidence
+    sub = inc[used]  # (U, F)
+    fsel = xp.unique(sub.indices)
+    sub = sub[:, fsel]  # (U, Fn)
+    fv = faces[fsel]  # (Fn, 3)
+    vids = xp.unique(fv.reshape(-1))
+    Jv_all = flame_jacobian(model, cache, vids)  # (Vn, 3, nf)
+    loc = xp.full(V, -1, dtype=xp.int64)
+    loc[vids] = xp.arange(vids.shape[0])
+    J0, J1, J2 = Jv_all[loc[fv[:, 0]]], Jv_all[loc[fv[:, 1]]], Jv_all[loc[fv[:, 2]]]
+    v0, v1, v2 = verts[fv[:, 0]], verts[fv[:, 1]], verts[fv[:, 2]]
+    e1, e2 = v1 - v0, v2 - v0
+    from .lbs import _skew
+
+    # d(e1 x e2) = de1 x e2 + e1 x de2 = -[e2]x de1 + [e1]x de2
+    dfn = -_skew(e2) @ (J1 - J0) + _skew(e1) @ (J2 - J0)  # (Fn, 3, nf)
+    nf = dfn.shape[2]
+    dm = (sub @ dfn.reshape(dfn.shape[0], -1)).reshape(-1, 3, nf)  # (U, 3, nf)
+    # unnormalised vertex normals of the used vertices
+    fn = xp.cross(e1, e2)
+    m = (sub @ fn).reshape(-1, 3)
+    mnorm = xp.maximum(xp.sqrt((m * m).sum(-1)), 1e-12)
+    nv = m / mnorm[:, None]
+    Pm = (xp.eye(3, dtype=dt) - nv[:, :, None] * nv[:, None, :]) / mnorm[:, None, None]
+    dnv = Pm @ dm  # (U, 3, nf)
+    # barycentric interpolation as a sparse (P, U) matrix
+    uloc = xp.full(V, -1, dtype=xp.int64)
+    uloc[used] = xp.arange(used.shape[0])
+    b = frame.bary.reshape(-1, 3)[pix].astype(dt)
+    Bm = sp.csr_matrix(
+        (b.reshape(-1), (xp.repeat(xp.arange(P), 3), uloc[corners.reshape(-1)])), shape=(P, used.shape[0])
+    )
+    du = (Bm @ dnv.reshape(dnv.shape[0], -1)).reshape(P, 3, nf)
+    unorm = xp.maximum(xp.sqrt((u * u).sum(-1)), 1e-12)
+    nw = u / unorm[:, None]
+    Pu = (xp.eye(3, dtype=dt) - nw[:, :, None] * nw[:, None, :]) / unorm[:, None, None]
+    dn = R_out @ (Pu @ du)  # (P, 3, nf)
+    if space == "head":
+        # n_out = Rg^T n: extra dependence on the global rotation, pose columns 0..2
+        n_s_e = model.n_shape + model.n_expr
+        eye = xp.eye(3, dtype=dt).reshape(3, 1, 3)
+        dRg = rodrigues_jvp(state.pose[:1], eye)[:, 0]  # (3, 3, 3)
+        extra = xp.einsum("aji,pj->pia", dRg, nw)  # d(Rg^T n)/d r_a
+        dn[:, :, n_s_e : n_s_e + 3] += extra
+    return -dn  # residual d = N - n_out
+
+
+_INCIDENCE: dict[int, tuple[Any, Any]] = {}
+
+
+def _incidence(ctx: "_Context") -> Any:
+    """Vertex-face incidence (V, F) CSR with ones, cached per faces array."""
+    faces = ctx.model.faces
+    key = id(faces)
+    hit = _INCIDENCE.get(key)
+    if hit is not None and hit[0] is faces:
+        return hit[1]
+    xp = ctx.xp
+    sp = _sparse(xp)
+    F = faces.shape[0]
+    rows = faces.T.reshape(-1)
+    cols = xp.tile(xp.arange(F), 3)
+    data = xp.ones(3 * F, dtype=ctx.model.v_template.dtype)
+    inc = sp.csr_matrix((data, (rows, cols)), shape=(ctx.model.n_vertices, F))
+    _INCIDENCE.clear()
+    _INCIDENCE[key] = (faces, inc)
+    return inc
+
+
+def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, int, bool]:
+    """Minimise the energy from ``state``; returns (state, iterations, converged)."""
+    xp = ctx.xp
+    cfg = ctx.config
+    normals = _strided_normals(ctx)
+    mu = 1e-3
+    converged = False
+    it = 0
+    for it in range(1, cfg.gn_iterations + 1):
+        frame = ctx.render(state)
+        e = ctx.energy(state, frame, normals=normals)
+        ctx.record("lm", it, e)
+        if not math.isfinite(e.total):
+            from .errors import FittingError
+
+            raise FittingError(f"fit: non-finite energy at LM iteration {it} ({e})")
+        H, g = normal_equations(ctx, state, frame, normals, e)
+        x0 = state.to_vector()
+        dH = xp.diag(H).copy()
+        accepted = False
+        for _ in range(6):
+            A = H + mu * xp.diag(dH + 1e-9 * dH.max())
+            step = -xp.linalg.solve(A, g)
+            cand = state.from_vector((x0 + step).astype(x0.dtype))
+            ec = ctx.energy(cand, frame, with_grad=False, normals=normals)
+            if math.isfinite(ec.total) and ec.total < e.total:
+                accepted = True
+                rel = (e.total - ec.total) / max(e.total, 1e-12)
+                state = cand
+                mu = max(mu / 3.0, 1e-7)
+                break
+            mu *= 4.0
+        if not accepted or rel < cfg.gn_tolerance:
+            converged = True
+            break
+    return state, it, converged
+
