@@ -81,7 +81,7 @@ def main() -> None:
         import sys
 
         sys.path.insert(0, sys_path_added)
-        from tests.fitting.test_lbs import torch_flame
+        from tests.torch_reference import torch_flame
 
         tp = [torch.tensor(np.asarray(getattr(params, n)), requires_grad=True) for n in ("shape", "expr", "pose", "transl")]
         tg = torch.as_tensor(g)

@@ -68,3 +68,21 @@ def test_energy_gradient_matches_finite_differences(space, term):
         num[k] = (ep - em) / (2 * eps)
     err = np.abs(grad - num).max() / np.abs(num).max()
     assert err < 1e-5, f"{term}/{space}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("space", ["camera", "head"])
+def test_energy_and_gradient_match_torch_autograd(space):
+    torch = pytest.importorskip("torch")
+    from tests.torch_reference import torch_energy
+
+    model, state, uv, normals, frame, w, size = _setup(space, seed=2)
+    kw = dict(shape_prior=np.linspace(-1, 1, model.n_shape), focal_prior=float(np.log(450.0)), pp_prior=np.array([32.0, 32.0]))
+    e = evaluate_energy(model, state, uv, normals, frame, w, size, **kw)
+    tens = {n: torch.tensor(np.asarray(getattr(state, n), dtype=np.float64), requires_grad=True) for n in FitState.NAMES}
+    te = torch_energy(model, *(tens[n] for n in FitState.NAMES), uv, normals, frame, w, size, **kw)
+    te.backward()
+    assert e.total == pytest.approx(float(te.detach()), rel=1e-10)
+    for n in FitState.NAMES:
+        ref = tens[n].grad.numpy()
+        got = np.asarray(getattr(e.grad, n))
+        np.testing.assert_allclose(got, ref, rtol=1e-7, atol=1e-9 * max(np.abs(ref).max(), 1e-3), err_msg=n)

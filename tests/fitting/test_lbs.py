@@ -19,42 +19,7 @@ from .flame_fixtures import random_flame_model, random_params
 
 torch = pytest.importorskip("torch")
 
-
-# ---------------------------------------------------------------- torch reference
-def torch_flame(model, shape, expr, pose, transl):
-    """Independent torch expression of FLAME (smplx semantics), Rodrigues via matrix_exp."""
-    T = lambda a: torch.as_tensor(np.asarray(a))  # noqa: E731
-    v_t, sd, pd = T(model.v_template), T(model.shapedirs), T(model.posedirs)
-    Jr, W = T(model.J_regressor), T(model.lbs_weights)
-    coeffs = torch.cat([shape, expr])
-    v_shaped = v_t + torch.einsum("vik,k->vi", sd, coeffs)
-    J = Jr @ v_shaped
-    z = torch.zeros_like(pose[:, 0])
-    K = torch.stack(
-        [
-            torch.stack([z, -pose[:, 2], pose[:, 1]], -1),
-            torch.stack([pose[:, 2], z, -pose[:, 0]], -1),
-            torch.stack([-pose[:, 1], pose[:, 0], z], -1),
-        ],
-        -2,
-    )
-    R = torch.linalg.matrix_exp(K)
-    eye = torch.eye(3, dtype=R.dtype)
-    pf = (R[1:] - eye).reshape(-1)
-    v_posed = v_shaped + torch.einsum("vip,p->vi", pd, pf)
-    parents = model.parents
-    G = [None] * 5
-    bottom = torch.tensor([[0, 0, 0, 1]], dtype=R.dtype)
-    for i in range(5):
-        t = J[i] if i == 0 else J[i] - J[parents[i]]
-        Ti = torch.cat([torch.cat([R[i], t[:, None]], 1), bottom], 0)
-        G[i] = Ti if i == 0 else G[parents[i]] @ Ti
-    G = torch.stack(G)
-    A = G.clone()
-    A[:, :3, 3] = G[:, :3, 3] - torch.einsum("jik,jk->ji", G[:, :3, :3], J)
-    Tv = torch.einsum("vj,jab->vab", W, A)
-    vh = torch.cat([v_posed, torch.ones_like(v_posed[:, :1])], 1)
-    return torch.einsum("vab,vb->va", Tv[:, :3], vh) + transl
+from tests.torch_reference import torch_flame  # noqa: E402
 
 
 def _as_torch(params: FlameParams):
