@@ -86,7 +86,8 @@ class LandmarkEmbedding:
     """Landmarks as barycentric points on mesh faces.
 
     Attributes:
-        static_faces: ``(51,) int64`` face index of each static landmark.
+        static_faces: ``(51,) int64`` face index of each static landmark (``(0,)`` when
+            only a dynamic or MediaPipe embedding was loaded).
         static_bary: ``(51, 3) float32`` barycentric coordinates.
         dynamic_faces: ``(79, 17) int64`` contour faces per yaw bin, or None.
         dynamic_bary: ``(79, 17, 3) float32`` or None.
@@ -248,7 +249,7 @@ class FlameModel:
     def load(
         path: str | PathLike[str],
         uv: str | PathLike[str] | np.ndarray | None = None,
-        landmarks: str | PathLike[str] | None = None,
+        landmarks: str | PathLike[str] | list[str | PathLike[str]] | None = None,
         mediapipe_landmarks: str | PathLike[str] | None = None,
         masks: str | PathLike[str] | None = None,
         n_shape: int = 300,
@@ -261,8 +262,9 @@ class FlameModel:
             path: ``generic_model.pkl``, ``flame2023.pkl``, ``flame2023_no_jaw.pkl`` or
                 ``flame2023_Open.pkl`` (chumpy pickles are read without chumpy).
             uv: ``head_template.obj`` (vt/f with texture indices), or a ``(V, 2)`` array.
-            landmarks: ``landmark_embedding.npy`` (DECA/MICA layout) or FLAME's
-                ``flame_static_embedding.pkl``.
+            landmarks: ``landmark_embedding.npy`` (DECA/MICA layout, torch tensors
+                inside are read without torch), FLAME's ``flame_static_embedding.pkl``
+                and/or ``flame_dynamic_embedding.npy``, or a list of these (merged).
             mediapipe_landmarks: ``mediapipe_landmark_embedding.npz``.
             masks: ``FLAME_masks.pkl``.
             n_shape: identity components kept (<= what the file has).
