@@ -32,7 +32,6 @@ import io
 import os
 import pickle
 import pickletools
-import tempfile
 import types
 import zipfile
 from os import PathLike
@@ -41,6 +40,7 @@ from typing import Any, BinaryIO, Callable, Mapping, Sequence
 import numpy as np
 import numpy.lib.format as npy_format
 
+from .atomic_io import atomic_write as _atomic_write
 from .errors import InputError, ModelFileError
 from .flame_model import N_JOINTS, FlameModel, FlameUV, LandmarkEmbedding
 from .xp import to_numpy
@@ -1152,25 +1152,6 @@ def load_flame_masks(path: str | PathLike[str], n_vertices: int) -> dict[str, np
 # ======================================================================================
 # Writers
 # ======================================================================================
-
-
-def _atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` through a temporary file in the same directory and ``os.replace``."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class _ChumpyArrayPlaceholder:
