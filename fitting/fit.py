@@ -108,7 +108,7 @@ class FitConfig:
     lr_pp: float = 0.1
     gn_iterations: int = 12
     gn_normal_stride: int = 2
-    gn_tolerance: float = 1e-4
+    gn_tolerance: float = 1e-3
     rerender_every: int = 1
 
     def __post_init__(self) -> None:
@@ -130,8 +130,10 @@ class FitResult:
         energies: final per-term energies.
         history: per iteration dicts (iteration, total, uv, normal, regularizer).
         iterations: solver iterations run.
-        converged: whether the stopping criterion was met (fast) / the schedule ended
-            with a finite, non-increasing energy (paper).
+        converged: False only when the fast solver ran out of iterations or the paper
+            schedule ended with a higher energy than it started the fitting stage with.
+        stop_reason: ``"tolerance"``, ``"no_decrease"``, ``"max_iterations"`` (fast) or
+            ``"schedule"`` / ``"energy_increased"`` (paper).
         n_targets: valid UV correspondences.
         timings: seconds per stage.
     """
@@ -144,6 +146,7 @@ class FitResult:
     history: list[dict[str, float]]
     iterations: int
     converged: bool
+    stop_reason: str
     n_targets: int
     timings: dict[str, float]
 
@@ -153,6 +156,7 @@ class FitResult:
         return {
             "iterations": self.iterations,
             "converged": self.converged,
+            "stop_reason": self.stop_reason,
             "energies": self.energies,
             "n_targets": self.n_targets,
             "timings": self.timings,
@@ -529,11 +533,12 @@ def fit(
         state = _adam(ctx, state, config.paper_camera_steps, _ADAM_GROUPS_CAMERA, cam_w, "camera")
         state = _adam(ctx, state, config.paper_steps, FitState.NAMES, config.weights, "fit")
         iterations = config.paper_camera_steps + config.paper_steps
-        converged = True
+        converged, stop_reason = True, "schedule"
     else:
         from .gauss_newton import levenberg_marquardt
 
-        state, iterations, converged = levenberg_marquardt(ctx, state)
+        state, iterations, stop_reason = levenberg_marquardt(ctx, state)
+        converged = stop_reason != "max_iterations"
     timings["solve"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- result
@@ -544,6 +549,7 @@ def fit(
     if config.solver == "paper":
         hist = [h["total"] for h in ctx.history if h["stage"] == "fit"]
         converged = bool(hist) and hist[-1] <= hist[0]
+        stop_reason = "schedule" if converged else "energy_increased"
     params_h = FlameParams(
         shape=to_numpy(state.shape).astype(np.float32),
         expr=to_numpy(state.expr).astype(np.float32),
@@ -572,6 +578,7 @@ def fit(
         history=ctx.history,
         iterations=iterations,
         converged=converged,
+        stop_reason=stop_reason,
         n_targets=n_valid,
         timings=timings,
     )

@@ -19,6 +19,7 @@ damping grows. The fragments and visibility are re-rendered once per iteration.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .fit import _Context
 
 __all__ = ["levenberg_marquardt", "normal_equations"]
+
+log = logging.getLogger(__name__)
 
 _EPS_UV = 1e-3  # IRLS floor of the UV residual norm (image-size units; 0.5 px at 512)
 _EPS_N = 2e-2  # IRLS floor of a normal residual component
@@ -228,13 +231,21 @@ def _incidence(ctx: "_Context") -> Any:
     return inc
 
 
-def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, int, bool]:
-    """Minimise the energy from ``state``; returns (state, iterations, converged)."""
+def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, int, str]:
+    """Minimise the energy from ``state``.
+
+    Returns:
+        (state, iterations, stop reason): ``"tolerance"`` (relative decrease below
+        ``gn_tolerance``, measured between re-renders), ``"no_decrease"`` (no damped
+        step lowers the energy: a local minimum of the model at this render) or
+        ``"max_iterations"``. The state returned is the best one seen after a re-render.
+    """
     xp = ctx.xp
     cfg = ctx.config
     normals = _strided_normals(ctx)
     mu = 1e-3
-    converged = False
+    reason = "max_iterations"
+    best_state, best_total = state, math.inf
     it = 0
     for it in range(1, cfg.gn_iterations + 1):
         frame = ctx.render(state)
@@ -244,24 +255,29 @@ def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, int
             from .errors import FittingError
 
             raise FittingError(f"fit: non-finite energy at LM iteration {it} ({e})")
+        # new face ids / visibility can raise the energy: stop when a re-render no
+        # longer improves on the best state seen
+        if e.total > best_total * (1.0 - cfg.gn_tolerance):
+            reason = "tolerance"
+            break
+        best_state, best_total = state, e.total
         H, g = normal_equations(ctx, state, frame, normals, e)
         x0 = state.to_vector()
         dH = xp.diag(H).copy()
-        accepted = False
-        for _ in range(6):
+        rel = -1.0
+        for _ in range(8):
             A = H + mu * xp.diag(dH + 1e-9 * dH.max())
             step = -xp.linalg.solve(A, g)
             cand = state.from_vector((x0 + step).astype(x0.dtype))
             ec = ctx.energy(cand, frame, with_grad=False, normals=normals)
+            log.debug("LM it %d mu %.2e E %.6g -> %.6g", it, mu, e.total, ec.total)
             if math.isfinite(ec.total) and ec.total < e.total:
-                accepted = True
                 rel = (e.total - ec.total) / max(e.total, 1e-12)
                 state = cand
                 mu = max(mu / 3.0, 1e-7)
                 break
-            mu *= 4.0
-        if not accepted or rel < cfg.gn_tolerance:
-            converged = True
+            mu *= 8.0
+        if rel < 0:
+            reason = "no_decrease"
             break
-    return state, it, converged
-
+    return best_state, it, reason
