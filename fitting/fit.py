@@ -106,9 +106,9 @@ class FitConfig:
     lr_t: float = 1e-3
     lr_log_f: float = 3e-3
     lr_pp: float = 0.1
-    gn_iterations: int = 12
+    gn_iterations: int = 20
     gn_normal_stride: int = 2
-    gn_tolerance: float = 1e-3
+    gn_tolerance: float = 5e-3
     rerender_every: int = 1
 
     def __post_init__(self) -> None:

@@ -246,6 +246,7 @@ def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, int
     mu = 1e-3
     reason = "max_iterations"
     best_state, best_total = state, math.inf
+    stale = 0
     it = 0
     for it in range(1, cfg.gn_iterations + 1):
         frame = ctx.render(state)
@@ -255,12 +256,17 @@ def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, int
             from .errors import FittingError
 
             raise FittingError(f"fit: non-finite energy at LM iteration {it} ({e})")
-        # new face ids / visibility can raise the energy: stop when a re-render no
-        # longer improves on the best state seen
+        # new face ids / visibility can raise the energy: stop when two re-renders in a
+        # row do not improve on the best state seen
         if e.total > best_total * (1.0 - cfg.gn_tolerance):
-            reason = "tolerance"
-            break
-        best_state, best_total = state, e.total
+            stale += 1
+            if stale >= 2:
+                reason = "tolerance"
+                break
+        else:
+            stale = 0
+        if e.total < best_total:
+            best_state, best_total = state, e.total
         H, g = normal_equations(ctx, state, frame, normals, e)
         x0 = state.to_vector()
         dH = xp.diag(H).copy()
