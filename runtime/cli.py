@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     d.add_argument("--seed", type=int, default=0, help="seed of the synthetic head and the rendered face")
     d.set_defaults(func=_cmd_demo)
+
+    from p3dmm.training.synth_cli import add_parsers as add_synth_parsers  # torch-free
+
+    add_synth_parsers(sub)
     return p
 
 
