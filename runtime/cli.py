@@ -15,7 +15,7 @@ log = logging.getLogger("p3dmm")
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(out_dir=args.out, seed=args.seed)
+    return run_demo(out_dir=args.out, seed=args.seed, size=args.size, solvers=args.solvers.split(","))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the pipeline on the embedded synthetic head and write results")
     d.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the synthetic head and the rendered face")
+    d.add_argument("--seed", type=int, default=0, help="seed of the rendered face's parameters and appearance")
+    d.add_argument("--size", type=int, default=512, help="image size of the rendered maps (default 512)")
+    d.add_argument("--solvers", default="fast,paper", help="comma-separated solvers to run: fast, paper")
     d.set_defaults(func=_cmd_demo)
 
     from p3dmm.training.synth_cli import add_parsers as add_synth_parsers  # torch-free
