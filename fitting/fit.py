@@ -462,31 +462,15 @@ class _Context:
 
 
 # ================================================================================ fit
-def fit(
-    observation: Observation,
-    model: FlameModel,
-    config: FitConfig | None = None,
-    device: str = "cpu",
-) -> FitResult:
-    """Fit FLAME shape, expression, pose and a camera to predicted normal/UV maps.
-
-    Args:
-        observation: the maps of one image (host or device arrays).
-        model: a FLAME model with a UV layout (host arrays; moved to ``device``).
-        config: solver and energy settings (default: fast solver, paper weights).
-        device: ``"cpu"`` (NumPy) or ``"cuda"`` (CuPy).
+def prepare(
+    observation: Observation, model: FlameModel, config: FitConfig, device: str = "cpu"
+) -> tuple[_Context, FitState, dict[str, float]]:
+    """Validation, UV correspondences, normal targets and the initial state of a fit.
 
     Returns:
-        :class:`FitResult` on the host.
-
-    Raises:
-        InputError: maps of the wrong shape/dtype, NaN/inf inside the mask.
-        FittingError: mask too small, model without UVs, too few UV correspondences,
-            or a non-finite energy during the solve.
+        (per-image context shared by the solvers, initial state, timings).
     """
-    config = config or FitConfig()
     timings: dict[str, float] = {}
-    t_start = time.perf_counter()
     normals_h, uv_h, mask_h = _validate(observation, model, config)
     xp = device_of(device)
     dmodel = _model_on(model, device)
@@ -525,6 +509,36 @@ def fit(
     prior = None if observation.shape_prior is None else asarray_on(xp, observation.shape_prior, dmodel.v_template.dtype)
     ctx = _Context(dmodel, config, uvt, ntg, (H, W), prior, math.log(f0), asarray_on(xp, pp0, dmodel.v_template.dtype))
     timings["init"] = time.perf_counter() - t0
+    return ctx, state, timings
+
+
+def fit(
+    observation: Observation,
+    model: FlameModel,
+    config: FitConfig | None = None,
+    device: str = "cpu",
+) -> FitResult:
+    """Fit FLAME shape, expression, pose and a camera to predicted normal/UV maps.
+
+    Args:
+        observation: the maps of one image (host or device arrays).
+        model: a FLAME model with a UV layout (host arrays; moved to ``device``).
+        config: solver and energy settings (default: fast solver, paper weights).
+        device: ``"cpu"`` (NumPy) or ``"cuda"`` (CuPy).
+
+    Returns:
+        :class:`FitResult` on the host.
+
+    Raises:
+        InputError: maps of the wrong shape/dtype, NaN/inf inside the mask.
+        FittingError: mask too small, model without UVs, too few UV correspondences,
+            or a non-finite energy during the solve.
+    """
+    config = config or FitConfig()
+    t_start = time.perf_counter()
+    ctx, state, timings = prepare(observation, model, config, device)
+    H, W = ctx.size
+    n_valid = ctx.uv.n_targets
 
     # ---------------------------------------------------------------- solve
     t0 = time.perf_counter()
@@ -556,7 +570,7 @@ def fit(
         pose=to_numpy(state.pose).astype(np.float32),
         transl=np.zeros(3, np.float32),
     )
-    verts = to_numpy(flame_forward(dmodel, state.params())[0]).astype(np.float32)
+    verts = to_numpy(flame_forward(ctx.model, state.params())[0]).astype(np.float32)
     cam = state.camera(W, H)
     camera_h = Camera(
         focal=np.float32(to_numpy(cam.focal)),
