@@ -28,7 +28,7 @@ import numpy as np
 from .camera import FLAME_TO_OPENCV
 from .energy import EnergyTerms, FitState, Frame, NormalTargets, project, rendered_normals
 from .lbs import flame_forward, flame_jacobian, rodrigues, rodrigues_jvp
-from .xp import asarray_on, get_array_module
+from .xp import asarray_on
 
 if TYPE_CHECKING:  # pragma: no cover
     from .fit import _Context

@@ -26,7 +26,7 @@ import threading
 from importlib import resources
 from typing import Any, Mapping, Sequence
 
-from ..errors import BackendUnavailableError, InputError
+from ..errors import InputError
 
 __all__ = ["DEFAULT_OPTIONS", "kernel_source", "load_module", "read_kernel_file", "define_preamble"]
 
