@@ -13,7 +13,7 @@ from .errors import (
     ModelFileError,
     P3DMMError,
 )
-from .fit import FitConfig, FitResult, Observation, fit
+from .fitter import FitConfig, FitResult, Observation, fit
 from .flame_model import FlameModel, FlameParams, FlameUV, LandmarkEmbedding
 from .raster import Fragments, rasterize
 from .render import RenderedMaps, render_maps

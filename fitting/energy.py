@@ -30,7 +30,7 @@ import numpy as np
 
 from .camera import FLAME_TO_OPENCV, Camera
 from .flame_model import FlameModel, FlameParams
-from .geometry import normalize_vjp, scatter_add_rows, vertex_normals, vertex_normals_vjp
+from .geometry import normalize_vjp, scatter_add_rows, vertex_normal_sums, vertex_normals_vjp
 from .lbs import flame_forward, flame_vjp, rodrigues, rodrigues_vjp
 from .xp import asarray_on, get_array_module
 
@@ -182,18 +182,19 @@ def rendered_normals(
     """Interpolated unit normals at pixels ``pix`` (flat indices) rotated by ``R_out``.
 
     Returns:
-        (n_out ``(P, 3)``, u ``(P, 3)`` unnormalised world normals, vertex normals
-        ``(V, 3)``, corner vertex ids ``(P, 3)``).
+        (n_out ``(P, 3)``, u ``(P, 3)`` unnormalised world normals, vertex normal sums
+        ``(V, 3)`` (:func:`vertex_normal_sums`), corner vertex ids ``(P, 3)``).
     """
-    vn = vertex_normals(verts, faces)
+    xp = get_array_module(verts)
+    m = vertex_normal_sums(verts, faces)
+    vn = m / xp.maximum(xp.sqrt((m * m).sum(-1, keepdims=True)), 1e-12)
     fid = face_id.reshape(-1)[pix]
     b = bary.reshape(-1, 3)[pix]
     corners = faces[fid]  # (P, 3)
     # u[p, i] = sum_k b[p, k] * vn[corners[p, k], i]
     u = (b[:, :, None] * vn[corners]).sum(1)
-    xp = get_array_module(u)
     n = u / xp.maximum(xp.sqrt((u * u).sum(-1, keepdims=True)), 1e-12)
-    return n @ R_out.T, u, vn, corners
+    return n @ R_out.T, u, m, corners
 
 
 def evaluate_energy(
@@ -208,6 +209,7 @@ def evaluate_energy(
     focal_prior: float = 0.0,
     pp_prior: Any = None,
     with_grad: bool = True,
+    forward: tuple[Any, Any] | None = None,
 ) -> EnergyTerms:
     """Energy of ``state`` with the fragments/visibility of ``frame`` held fixed.
 
@@ -223,6 +225,7 @@ def evaluate_energy(
         focal_prior: log focal length the focal regulariser pulls towards.
         pp_prior: ``(2,)`` principal point prior.
         with_grad: compute the gradient too.
+        forward: optional ``(vertices, cache)`` of :func:`flame_forward` at ``state``.
 
     Returns:
         :class:`EnergyTerms` (with ``grad`` when requested).
@@ -231,7 +234,7 @@ def evaluate_energy(
     H, W = image_size
     S = float(max(H, W))
     dt = model.v_template.dtype
-    verts, cache = flame_forward(model, state.params())
+    verts, cache = forward if forward is not None else flame_forward(model, state.params())
     R0 = asarray_on(xp, FLAME_TO_OPENCV, dt)
     g_verts = xp.zeros_like(verts)
     g_t = xp.zeros(3, dtype=dt)
@@ -275,7 +278,7 @@ def evaluate_energy(
                 R_out = Rg.T
             else:
                 R_out = R0
-            n_out, u, vn, corners = rendered_normals(verts, model.faces, frame.face_id, frame.bary, pix, R_out)
+            n_out, u, vsums, corners = rendered_normals(verts, model.faces, frame.face_id, frame.bary, pix, R_out)
             d = normals.normals.reshape(-1, 3)[pix] - n_out
             keep = xp.abs(d).mean(-1) < weights.normal_outlier
             n_n = int(keep.sum())
@@ -293,7 +296,7 @@ def evaluate_energy(
                 # vn[corners[p, k]] receives b[p, k] * g_u[p]
                 contrib = (b[:, :, None] * g_u[:, None, :]).reshape(-1, 3)
                 g_vn = scatter_add_rows(corners.reshape(-1), contrib, verts.shape[0])
-                g_verts = g_verts + vertex_normals_vjp(verts, model.faces, g_vn)
+                g_verts = g_verts + vertex_normals_vjp(verts, model.faces, g_vn, vsums)
 
     # ------------------------------------------------------------ regulariser
     prior = shape_prior if shape_prior is not None else xp.zeros_like(state.shape)

@@ -31,7 +31,7 @@ from .lbs import flame_forward, flame_jacobian, rodrigues, rodrigues_jvp
 from .xp import asarray_on
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .fit import _Context
+    from .fitter import _Context
 
 __all__ = ["levenberg_marquardt", "normal_equations"]
 

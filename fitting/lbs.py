@@ -49,6 +49,7 @@ __all__ = [
     "rigid_transforms_vjp",
     "rodrigues",
     "rodrigues_vjp",
+    "shaped_vertices",
     "dynamic_contour_bins",
 ]
 
@@ -300,12 +301,17 @@ def _check_params(model: "FlameModel", params: "FlameParams") -> None:
             raise InputError(f"flame_forward: params.{name} has shape {got}, expected {shp} for {model.name!r}")
 
 
-def flame_forward(model: "FlameModel", params: "FlameParams") -> tuple[Any, ForwardCache]:
+def flame_forward(
+    model: "FlameModel", params: "FlameParams", shaped: tuple[Any, Any] | None = None
+) -> tuple[Any, ForwardCache]:
     """Posed FLAME vertices.
 
     Args:
         model: the FLAME arrays (NumPy or CuPy).
         params: parameters in the model's array module; cast to the model dtype.
+        shaped: optional precomputed ``(v_shaped, J)`` from :func:`shaped_vertices` for
+            these params' shape and expression (saves the basis product when only the
+            pose changes).
 
     Returns:
         (vertices ``(V, 3)``, cache for :func:`flame_vjp`). ``cache.posed_joints`` are
@@ -314,10 +320,8 @@ def flame_forward(model: "FlameModel", params: "FlameParams") -> tuple[Any, Forw
     _check_params(model, params)
     xp = get_array_module(model.v_template)
     dt = model.v_template.dtype
-    coeffs = xp.concatenate([params.shape.astype(dt), params.expr.astype(dt)])
     pose = params.pose.astype(dt)
-    v_shaped = model.v_template + blend_shapes(coeffs, model.shapedirs)
-    J = regress_joints(model.J_regressor, v_shaped)
+    v_shaped, J = shaped if shaped is not None else shaped_vertices(model, params)
     R = rodrigues(pose)
     eye = xp.eye(3, dtype=dt)
     pose_feature = (R[1:] - eye).reshape(-1)
@@ -326,6 +330,15 @@ def flame_forward(model: "FlameModel", params: "FlameParams") -> tuple[Any, Forw
     verts, TR, _ = lbs_skinning(model.lbs_weights, GR, At, v_posed)
     verts = verts + params.transl.astype(dt)
     return verts, ForwardCache(pose=pose, R=R, J=J, GR=GR, posed_joints=Gt, v_posed=v_posed, TR=TR)
+
+
+def shaped_vertices(model: "FlameModel", params: "FlameParams") -> tuple[Any, Any]:
+    """Identity + expression shaped template ``(V, 3)`` and its joints ``(5, 3)``."""
+    xp = get_array_module(model.v_template)
+    dt = model.v_template.dtype
+    coeffs = xp.concatenate([params.shape.astype(dt), params.expr.astype(dt)])
+    v_shaped = model.v_template + blend_shapes(coeffs, model.shapedirs)
+    return v_shaped, regress_joints(model.J_regressor, v_shaped)
 
 
 def flame_vjp(model: "FlameModel", cache: ForwardCache, grad_vertices: Any) -> ParamGrads:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from p3dmm.fitting import Camera, FittingError, FlameModel, FlameParams, InputError
-from p3dmm.fitting.fit import FitConfig, Observation, fit
+from p3dmm.fitting.fitter import FitConfig, Observation, fit
 from p3dmm.fitting.metrics import vertex_errors
 from p3dmm.fitting.render import render_maps
 

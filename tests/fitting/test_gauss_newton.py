@@ -7,7 +7,7 @@ import pytest
 
 from p3dmm.fitting.camera import FLAME_TO_OPENCV
 from p3dmm.fitting.energy import rendered_normals
-from p3dmm.fitting.fit import FitConfig, _Context
+from p3dmm.fitting.fitter import FitConfig, _Context
 from p3dmm.fitting.gauss_newton import _normal_jacobian, normal_equations
 from p3dmm.fitting.lbs import flame_forward, rodrigues
 

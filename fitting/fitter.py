@@ -33,7 +33,7 @@ from .camera import FLAME_TO_OPENCV, Camera
 from .energy import EnergyTerms, EnergyWeights, FitState, Frame, NormalTargets, UVTargets, evaluate_energy, project
 from .errors import FittingError, InputError
 from .flame_model import FlameModel, FlameParams
-from .lbs import flame_forward, rodrigues
+from .lbs import flame_forward, rodrigues, shaped_vertices
 from .xp import asarray_on, device_of, get_array_module, to_numpy
 
 __all__ = ["Observation", "FitConfig", "FitResult", "fit"]
@@ -238,12 +238,15 @@ def _downsample_normals(normals: Any, mask: Any, size: int) -> tuple[Any, Any, f
 
 
 # ========================================================================= rendering
-def _render_frame(model: FlameModel, state: FitState, uv: UVTargets, size: int, scale: float, tol: float) -> Frame:
+def _render_frame(
+    model: FlameModel, state: FitState, uv: UVTargets, size: int, scale: float, tol: float, verts: Any = None
+) -> Frame:
     """Rasterize the current state at the render resolution; visibility of UV targets."""
     from .raster import rasterize
 
     xp = get_array_module(state.shape)
-    verts = flame_forward(model, state.params())[0]
+    if verts is None:
+        verts = flame_forward(model, state.params())[0]
     Xc, _ = project(state, verts)
     f = xp.exp(state.log_f) * scale
     pp = (state.pp + 0.5) * scale - 0.5
@@ -385,10 +388,13 @@ def _adam(
     v = {g: xp.zeros_like(getattr(state, g)) for g in groups}
     b1, b2, eps = 0.9, 0.999, 1e-8
     frame = None
+    # shape and expression are constant in the camera stage: blend them once
+    shaped = shaped_vertices(ctx.model, state.params()) if "shape" not in groups else None
     for it in range(steps):
+        fwd = flame_forward(ctx.model, state.params(), shaped)
         if frame is None or it % max(cfg.rerender_every, 1) == 0:
-            frame = ctx.render(state)
-        e = ctx.energy(state, frame, weights)
+            frame = ctx.render(state, fwd[0])
+        e = ctx.energy(state, frame, weights, forward=fwd)
         grad = e.grad
         if grad is None or not math.isfinite(e.total):
             raise FittingError(f"fit: non-finite energy at {stage} step {it} ({e})")
@@ -433,14 +439,15 @@ class _Context:
         self.history: list[dict[str, float]] = []
         self.n_renders = 0
 
-    def render(self, state: FitState) -> Frame:
+    def render(self, state: FitState, verts: Any = None) -> Frame:
         self.n_renders += 1
         return _render_frame(
-            self.model, state, self.uv, self.config.render_size, self.normals.scale, self.config.visibility_tolerance
+            self.model, state, self.uv, self.config.render_size, self.normals.scale, self.config.visibility_tolerance,
+            verts,
         )
 
     def energy(self, state: FitState, frame: Frame, weights: EnergyWeights | None = None, with_grad: bool = True,
-               normals: NormalTargets | None = None) -> EnergyTerms:
+               normals: NormalTargets | None = None, forward: tuple[Any, Any] | None = None) -> EnergyTerms:
         return evaluate_energy(
             self.model,
             state,
@@ -453,6 +460,7 @@ class _Context:
             focal_prior=self.focal_prior,
             pp_prior=self.pp_prior,
             with_grad=with_grad,
+            forward=forward,
         )
 
     def record(self, stage: str, it: int, e: EnergyTerms) -> None:
