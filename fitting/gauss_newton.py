@@ -28,7 +28,7 @@ import numpy as np
 from .camera import FLAME_TO_OPENCV
 from .energy import EnergyTerms, FitState, Frame, NormalTargets, project, rendered_normals
 from .lbs import flame_forward, flame_jacobian, rodrigues, rodrigues_jvp
-from .xp import asarray_on
+from .xp import asarray_on, get_array_module
 
 if TYPE_CHECKING:  # pragma: no cover
     from .fitter import _Context
@@ -60,10 +60,40 @@ def _strided_normals(ctx: "_Context") -> NormalTargets:
     return NormalTargets(normals=ctx.normals.normals, mask=m, space=ctx.normals.space, scale=ctx.normals.scale)
 
 
+class _VertexJacobian:
+    """FLAME vertex Jacobian rows computed once per iteration for the vertices asked for."""
+
+    def __init__(self, model: Any, cache: Any) -> None:
+        self.model, self.cache = model, cache
+        self.xp = get_array_module(model.v_template)
+        self.J: Any = None
+        self.loc: Any = None
+
+    def ensure(self, vids: Any) -> None:
+        xp = self.xp
+        vids = xp.unique(vids)
+        self.J = flame_jacobian(self.model, self.cache, vids)  # (M, 3, nf)
+        self.loc = xp.full(self.model.n_vertices, -1, dtype=xp.int64)
+        self.loc[vids] = xp.arange(vids.shape[0])
+
+    def rows(self, ids: Any) -> Any:
+        if self.loc is None or bool((self.loc[ids] < 0).any()):
+            self.ensure(ids if self.loc is None else self.xp.concatenate([ids, self.xp.nonzero(self.loc >= 0)[0]]))
+        return self.J[self.loc[ids]]
+
+
 def normal_equations(
-    ctx: "_Context", state: FitState, frame: Frame, normals: NormalTargets, energy: EnergyTerms
+    ctx: "_Context",
+    state: FitState,
+    frame: Frame,
+    normals: NormalTargets,
+    energy: EnergyTerms,
+    forward: tuple[Any, Any] | None = None,
 ) -> tuple[Any, Any]:
     """IRLS Gauss-Newton system ``(H, g)`` at ``state`` (g is the exact energy gradient).
+
+    Args:
+        forward: optional ``(vertices, cache)`` of :func:`flame_forward` at ``state``.
 
     Returns:
         ``H (n, n)`` and ``g (n,)`` over :meth:`FitState.to_vector`'s layout.
@@ -77,36 +107,18 @@ def normal_equations(
     n_s, n_e = model.n_shape, model.n_expr
     nf = n_s + n_e + 15
     n = nf + 6  # + t (3), log_f, pp (2)
-    verts, cache = flame_forward(model, state.params())
+    verts, cache = forward if forward is not None else flame_forward(model, state.params())
     R0 = asarray_on(xp, FLAME_TO_OPENCV, dt)
     H = xp.zeros((n, n), dtype=xp.float64)
+    jac = _VertexJacobian(model, cache)
 
-    # ---------------------------------------------------------------- UV rows
     uv = ctx.uv
     Xc, proj = project(state, verts[uv.vertex_ids])
     r = (proj - uv.pixels) / S
     rho = xp.sqrt((r * r).sum(-1))
     active = frame.visible & (rho * S < w.uv_cap_px) & (Xc[:, 2] > 0)
     idx = xp.nonzero(active)[0]
-    if idx.size:
-        ids = uv.vertex_ids[idx]
-        Xa = Xc[idx]
-        f = xp.exp(state.log_f)
-        Z = Xa[:, 2]
-        zero = xp.zeros_like(Z)
-        # dp[v, k, :] = d proj_k / d Xc / S
-        dp = xp.stack(
-            [xp.stack([f / Z, zero, -f * Xa[:, 0] / Z**2], -1), xp.stack([zero, f / Z, -f * Xa[:, 1] / Z**2], -1)], 1
-        ) / S
-        Jv = flame_jacobian(model, cache, ids)  # (A, 3, nf)
-        J_flame = dp @ (R0 @ Jv)  # (A, 2, nf)
-        J_t = dp  # (A, 2, 3)
-        J_f = (f * Xa[:, :2] / Z[:, None] / S)[:, :, None]  # (A, 2, 1)
-        J_pp = xp.broadcast_to(xp.eye(2, dtype=dt) / S, (idx.size, 2, 2))
-        J = xp.concatenate([J_flame, J_t, J_f, J_pp], 2).reshape(-1, n)
-        wt = (w.uv / uv.n_targets) / xp.maximum(rho[idx], _EPS_UV)
-        Jw = J * xp.repeat(wt, 2)[:, None]
-        H += (Jw.T @ J).astype(xp.float64)
+    ids = uv.vertex_ids[idx]
 
     # ------------------------------------------------------------ normal rows
     if w.normal > 0:
@@ -115,15 +127,35 @@ def normal_equations(
         if pix.size:
             Rg = rodrigues(state.pose[:1])[0]
             R_out = Rg.T if normals.space == "head" else R0
-            n_out, u, vn, corners = rendered_normals(verts, model.faces, frame.face_id, frame.bary, pix, R_out)
+            n_out, u, _, corners = rendered_normals(verts, model.faces, frame.face_id, frame.bary, pix, R_out)
             d = normals.normals.reshape(-1, 3)[pix] - n_out
             keep = xp.abs(d).mean(-1) < w.normal_outlier
             kp = xp.nonzero(keep)[0]
             if kp.size:
-                Jn = _normal_jacobian(ctx, verts, cache, frame, pix[kp], corners[kp], u[kp], R_out, state, normals.space)
+                Jn = _normal_jacobian(ctx, verts, jac, frame, pix[kp], corners[kp], u[kp], R_out, state, normals.space, ids)
                 wt = (w.normal / normals.n_pixels) / xp.maximum(xp.abs(d[kp]), _EPS_N)  # (P, 3)
                 Jn2 = Jn.reshape(-1, nf)
                 H[:nf, :nf] += ((Jn2 * wt.reshape(-1)[:, None]).T @ Jn2).astype(xp.float64)
+
+    # ---------------------------------------------------------------- UV rows
+    if idx.size:
+        Xa = Xc[idx]
+        f = xp.exp(state.log_f)
+        Z = Xa[:, 2]
+        zero = xp.zeros_like(Z)
+        # dp[v, k, :] = d proj_k / d Xc / S
+        dp = xp.stack(
+            [xp.stack([f / Z, zero, -f * Xa[:, 0] / Z**2], -1), xp.stack([zero, f / Z, -f * Xa[:, 1] / Z**2], -1)], 1
+        ) / S
+        Jv = jac.rows(ids)  # (A, 3, nf)
+        J_flame = dp @ (R0 @ Jv)  # (A, 2, nf)
+        J_t = dp  # (A, 2, 3)
+        J_f = (f * Xa[:, :2] / Z[:, None] / S)[:, :, None]  # (A, 2, 1)
+        J_pp = xp.broadcast_to(xp.eye(2, dtype=dt) / S, (idx.size, 2, 2))
+        J = xp.concatenate([J_flame, J_t, J_f, J_pp], 2).reshape(-1, n)
+        wt = (w.uv / uv.n_targets) / xp.maximum(rho[idx], _EPS_UV)
+        Jw = J * xp.repeat(wt, 2)[:, None]
+        H += (Jw.T @ J).astype(xp.float64)
 
     # ------------------------------------------------------------ regulariser
     reg = xp.zeros(n, dtype=xp.float64)
@@ -143,7 +175,7 @@ def normal_equations(
 def _normal_jacobian(
     ctx: "_Context",
     verts: Any,
-    cache: Any,
+    jac: _VertexJacobian,
     frame: Frame,
     pix: Any,
     corners: Any,
@@ -151,8 +183,13 @@ def _normal_jacobian(
     R_out: Any,
     state: FitState,
     space: str,
+    extra_ids: Any = None,
 ) -> Any:
-    """``(P, 3, nf)`` Jacobian of the output-space rendered normals w.r.t. FLAME params."""
+    """``(P, 3, nf)`` Jacobian of the output-space rendered normals w.r.t. FLAME params.
+
+    ``extra_ids`` are vertices whose Jacobian rows will be needed next (the UV term's):
+    they are computed in the same :func:`flame_jacobian` call.
+    """
     xp = ctx.xp
     sp = _sparse(xp)
     model = ctx.model
@@ -167,11 +204,9 @@ def _normal_jacobian(
     fsel = xp.unique(sub.indices)
     sub = sub[:, fsel]  # (U, Fn)
     fv = faces[fsel]  # (Fn, 3)
-    vids = xp.unique(fv.reshape(-1))
-    Jv_all = flame_jacobian(model, cache, vids)  # (Vn, 3, nf)
-    loc = xp.full(V, -1, dtype=xp.int64)
-    loc[vids] = xp.arange(vids.shape[0])
-    J0, J1, J2 = Jv_all[loc[fv[:, 0]]], Jv_all[loc[fv[:, 1]]], Jv_all[loc[fv[:, 2]]]
+    vids = fv.reshape(-1)
+    jac.ensure(vids if extra_ids is None else xp.concatenate([vids, extra_ids]))
+    J0, J1, J2 = jac.rows(fv[:, 0]), jac.rows(fv[:, 1]), jac.rows(fv[:, 2])
     v0, v1, v2 = verts[fv[:, 0]], verts[fv[:, 1]], verts[fv[:, 2]]
     e1, e2 = v1 - v0, v2 - v0
     from .lbs import _skew
@@ -249,8 +284,9 @@ def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, int
     stale = 0
     it = 0
     for it in range(1, cfg.gn_iterations + 1):
-        frame = ctx.render(state)
-        e = ctx.energy(state, frame, normals=normals)
+        fwd = flame_forward(ctx.model, state.params())
+        frame = ctx.render(state, fwd[0])
+        e = ctx.energy(state, frame, normals=normals, forward=fwd)
         ctx.record("lm", it, e)
         if not math.isfinite(e.total):
             from .errors import FittingError
@@ -267,7 +303,7 @@ def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, int
             stale = 0
         if e.total < best_total:
             best_state, best_total = state, e.total
-        H, g = normal_equations(ctx, state, frame, normals, e)
+        H, g = normal_equations(ctx, state, frame, normals, e, forward=fwd)
         x0 = state.to_vector()
         dH = xp.diag(H).copy()
         rel = -1.0

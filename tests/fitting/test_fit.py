@@ -174,3 +174,21 @@ def test_model_without_uvs(head, good_obs):
 def test_bad_config():
     with pytest.raises(InputError, match="solver"):
         FitConfig(solver="sgd")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver", ["fast", "paper"])
+def test_gpu_fit_matches_cpu(head, solver):
+    """The same fit on NumPy and CuPy (float32 on both; reductions differ in order)."""
+    p = _params(head, 12, 0.8, 0.15, 20.0)
+    obs = _observe(head, p)
+    cfg = FitConfig(solver=solver, paper_camera_steps=50, paper_steps=100)
+    cpu = fit(obs, head, cfg, device="cpu")
+    gpu = fit(obs, head, cfg, device="cuda")
+    assert isinstance(gpu.vertices, np.ndarray)
+    assert gpu.n_targets == cpu.n_targets
+    d = np.linalg.norm(gpu.vertices - cpu.vertices, axis=1) * 1e3
+    assert np.median(d) < 0.2, np.median(d)
+    g_posed, g_neutral = _errors(head, p, gpu)
+    c_posed, c_neutral = _errors(head, p, cpu)
+    assert g_posed < c_posed + 0.2 and g_neutral < c_neutral + 0.2

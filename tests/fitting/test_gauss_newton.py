@@ -29,7 +29,9 @@ def test_normal_jacobian_matches_finite_differences(space):
     verts, cache = flame_forward(model, state.params())
     R_out = rodrigues(state.pose[:1])[0].T if space == "head" else FLAME_TO_OPENCV
     _, u, _, corners = n_out(state)
-    Jn = _normal_jacobian(ctx, verts, cache, frame, pix, corners, u, R_out, state, space)
+    from p3dmm.fitting.gauss_newton import _VertexJacobian
+
+    Jn = _normal_jacobian(ctx, verts, _VertexJacobian(model, cache), frame, pix, corners, u, R_out, state, space)
     nf = model.n_shape + model.n_expr + 15
     assert Jn.shape == (pix.size, 3, nf)
     x0 = state.to_vector()
