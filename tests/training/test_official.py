@@ -24,10 +24,9 @@ from p3dmm.training.official import (
     official_saved_png_float,
 )
 
-_JSON_NAME = Path("shared") / "reference" / "official_network_state_dict_shapes.json"
-# shared/ sits inside the checkout on some machines and beside it on others
-_CANDIDATES = [Path(__file__).resolve().parents[i] / _JSON_NAME for i in (2, 3)]
-SHAPES_JSON = next((p for p in _CANDIDATES if p.is_file()), _CANDIDATES[0])
+# copy of shared/reference/official_network_state_dict_shapes.json (official parameter
+# names and shapes), kept with the tests so a plain clone can run them
+SHAPES_JSON = Path(__file__).resolve().parents[1] / "data" / "official_network_state_dict_shapes.json"
 
 # REFERENCE_FACTS.md §6 (official code, CPU, torch 2.14.1 / timm 1.0.31).
 # Pixels are (row, col); "png" is the post-flip-TTA saved float before x255.
