@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     from p3dmm.training.synth_cli import add_parsers as add_synth_parsers  # torch-free
 
     add_synth_parsers(sub)
+
+    from p3dmm.training.train_cli import add_parsers as add_train_parsers  # torch loads when `train` runs
+
+    add_train_parsers(sub)
     return p
 
 
