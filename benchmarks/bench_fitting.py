@@ -38,8 +38,14 @@ def main() -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
     import numpy as np
-
-    from p3dmm.fitting import Camera, FitConfig, FlameModel, Observation, fit, render_maps
+    from p3dmm.fitting import (
+        Camera,
+        FitConfig,
+        FlameModel,
+        Observation,
+        fit,
+        render_maps,
+    )
     from p3dmm.fitting.metrics import vertex_errors
     from p3dmm.runtime.demo import demo_params
 
@@ -108,9 +114,9 @@ def torch_baseline(obs, model, config, threads):  # -> (posed vertices, neutral 
 
     import numpy as np
     import torch
-
     from p3dmm.fitting.energy import FitState
     from p3dmm.fitting.fitter import prepare
+
     from tests.torch_reference import torch_energy, torch_flame
 
     torch.set_num_threads(threads)

@@ -10,24 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from typing import Callable
 
-
-def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3, sync: Callable[[], None] | None = None) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+from _timing import median_ms  # benchmarks/_timing.py (scripts run from benchmarks/)
 
 
 def main() -> None:
@@ -40,7 +24,6 @@ def main() -> None:
     os.environ.setdefault("MKL_NUM_THREADS", str(args.threads))
 
     import numpy as np
-
     from p3dmm.fitting import FlameModel, FlameParams
     from p3dmm.fitting.lbs import flame_forward, flame_vjp
 
@@ -71,7 +54,7 @@ def main() -> None:
         v, cache = flame_forward(model, params)
         return flame_vjp(model, cache, g)
 
-    rows = [("p3dmm numpy float32", "cpu", _median_ms(fwd, args.repeats), _median_ms(fwd_vjp, args.repeats))]
+    rows = [("p3dmm numpy float32", "cpu", median_ms(fwd, args.repeats), median_ms(fwd_vjp, args.repeats))]
 
     try:
         import torch
@@ -96,7 +79,7 @@ def main() -> None:
             (torch_flame(model, *tp) * tg).sum().backward()
             return tp[0].grad
 
-        rows.append(("torch autograd float32", "cpu", _median_ms(t_fwd, args.repeats), _median_ms(t_fwd_bwd, args.repeats)))
+        rows.append(("torch autograd float32", "cpu", median_ms(t_fwd, args.repeats), median_ms(t_fwd_bwd, args.repeats)))
     except ImportError:
         rows.append(("torch autograd (not installed)", "cpu", float("nan"), float("nan")))
 
@@ -116,7 +99,7 @@ def main() -> None:
             v, cache = flame_forward(gm, gp)
             return flame_vjp(gm, cache, gg)
 
-        rows.append(("p3dmm cupy float32", "cuda", _median_ms(g_fwd, args.repeats, sync=sync), _median_ms(g_fwd_vjp, args.repeats, sync=sync)))
+        rows.append(("p3dmm cupy float32", "cuda", median_ms(g_fwd, args.repeats, sync=sync), median_ms(g_fwd_vjp, args.repeats, sync=sync)))
     except Exception as e:  # noqa: BLE001 - no GPU here
         rows.append((f"p3dmm cupy (skipped: {type(e).__name__})", "cuda", float("nan"), float("nan")))
 

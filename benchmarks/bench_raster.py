@@ -12,32 +12,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
-
-def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3, sync: Callable[[], None] | None = None) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+from _timing import median_ms  # benchmarks/_timing.py (scripts run from benchmarks/)
 
 
 def _mesh() -> tuple[Any, Any, str]:
     """FLAME-frame vertices ``(V, 3) float32``, faces ``(F, 3)``, description."""
     import numpy as np
-
     from p3dmm.fitting import FlameModel
 
     try:
@@ -75,7 +60,6 @@ def main() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one CPU core
 
     import numpy as np
-
     from p3dmm.fitting import Camera
     from p3dmm.fitting.raster import rasterize
 
@@ -95,7 +79,7 @@ def main() -> None:
                 first_call["cpu"] = (time.perf_counter() - t0) * 1e3
             frags = rasterize(verts_cam, faces, cam, size, size, cull_backfaces=cull)
             coverage = float(frags.mask.mean())
-            ms = _median_ms(lambda: rasterize(verts_cam, faces, cam, size, size, cull_backfaces=cull), args.repeats)
+            ms = median_ms(lambda: rasterize(verts_cam, faces, cam, size, size, cull_backfaces=cull), args.repeats)
             rows.append(("cpu (numba, 1 thread)", size, cull, ms, coverage))
 
     reason = _gpu_reason()
@@ -115,7 +99,7 @@ def main() -> None:
                     first_call["gpu"] = (time.perf_counter() - t0) * 1e3
                 frags = rasterize(verts_d, faces_d, cam, size, size, cull_backfaces=cull)
                 coverage = float(frags.mask.mean())
-                ms = _median_ms(
+                ms = median_ms(
                     lambda: rasterize(verts_d, faces_d, cam, size, size, cull_backfaces=cull),
                     args.repeats,
                     sync=cp.cuda.Device().synchronize,

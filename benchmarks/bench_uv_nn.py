@@ -11,11 +11,11 @@ search including its index build (tree / grid), in ms per search (median of repe
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+from _timing import median_ms  # benchmarks/_timing.py (scripts run from benchmarks/)
 
 
 def rendered_like_map(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -34,21 +34,6 @@ def rendered_like_map(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
     dst = rng.choice(inside, inside.size // 50, replace=False)  # 2 % duplicated UVs
     flat[dst] = flat[rng.choice(inside, dst.size, replace=False)]
     return uv, mask
-
-
-def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -94,18 +79,18 @@ def main() -> None:
             return "yes" if same else "NO"
 
         res = uv_nearest_pixels(q, uv, mask, method="kdtree")
-        ms = _median_ms(lambda: uv_nearest_pixels(q, uv, mask, method="kdtree"), args.repeats)
+        ms = median_ms(lambda: uv_nearest_pixels(q, uv, mask, method="kdtree"), args.repeats, warmup=1)
         rows.append(("cKDTree (incl. build)", nq, ms, exact(res)))
         for g in args.grid_sizes:
             res = uv_nearest_pixels(q, uv, mask, method="grid", grid_size=g)  # also compiles numba
-            ms = _median_ms(lambda: uv_nearest_pixels(q, uv, mask, method="grid", grid_size=g), args.repeats)
+            ms = median_ms(lambda: uv_nearest_pixels(q, uv, mask, method="grid", grid_size=g), args.repeats, warmup=1)
             rows.append((f"grid reference numba G={g}", nq, ms, exact(res)))
         if cp is not None:
             qd, uvd, md = cp.asarray(q), cp.asarray(uv), cp.asarray(mask)
             sync = cp.cuda.Device().synchronize
             for g in args.grid_sizes:
                 res = uv_nearest_pixels(qd, uvd, md, grid_size=g)  # also compiles the module
-                ms = _median_ms(lambda: uv_nearest_pixels(qd, uvd, md, grid_size=g), max(args.repeats, 20), sync=sync)
+                ms = median_ms(lambda: uv_nearest_pixels(qd, uvd, md, grid_size=g), max(args.repeats, 20), warmup=1, sync=sync)
                 rows.append((f"CUDA grid G={g} (incl. build)", nq, ms, exact(res)))
 
     print()

@@ -502,6 +502,28 @@ def _region_names(model: FlameModel) -> list[str]:
 
 
 # ---------------------------------------------------------------------- public API
+def _open_dataset(
+    what: str, out_dir: str | PathLike[str], model: FlameModel | None, cfg: SynthConfig, generator: dict[str, Any]
+) -> tuple[FlameModel, Path, list[str]]:
+    """The model to render with, and the dataset directory created (or checked) for it."""
+    the_model = model if model is not None else FlameModel.synthetic(seed=0)
+    if the_model.uv is None:
+        raise InputError(f"{what}: model {the_model.name!r} has no UV layout; load it with uv=head_template.obj")
+    root = Path(out_dir)
+    regions = _region_names(the_model)
+    create_dataset(
+        root,
+        model_name=the_model.name,
+        n_vertices=the_model.n_vertices,
+        image_size=cfg.size,
+        normal_space=cfg.normal_space,
+        uv_layout=uv_layout_id(the_model.uv),
+        regions=regions,
+        generator=generator,
+    )
+    return the_model, root, regions
+
+
 def synthesize(
     out_dir: str | PathLike[str],
     n: int,
@@ -538,20 +560,8 @@ def synthesize(
         raise InputError(f"synthesize: seed={seed!r}, expected a non-negative integer")
     cfg = dataclasses.replace(config or SynthConfig(), size=int(size), normal_space=normal_space)
     workers = _default_workers(workers)
-    the_model = model if model is not None else FlameModel.synthetic(seed=0)
-    if the_model.uv is None:
-        raise InputError(f"synthesize: model {the_model.name!r} has no UV layout; load it with uv=head_template.obj")
-    root = Path(out_dir)
-    regions = _region_names(the_model)
-    create_dataset(
-        root,
-        model_name=the_model.name,
-        n_vertices=the_model.n_vertices,
-        image_size=cfg.size,
-        normal_space=cfg.normal_space,
-        uv_layout=uv_layout_id(the_model.uv),
-        regions=regions,
-        generator={"name": "synth", "seed": int(seed), "config": cfg.to_dict()},
+    the_model, root, regions = _open_dataset(
+        "synthesize", out_dir, model, cfg, {"name": "synth", "seed": int(seed), "config": cfg.to_dict()}
     )
     result = BatchResult(root=root)
     done = [i for i in range(n) if sample_complete(root, _synth_id(i))]
@@ -612,20 +622,12 @@ def render_dataset(
     files = _mesh_files(meshes)
     cfg = dataclasses.replace(config or SynthConfig(), size=int(size), normal_space=normal_space)
     workers = _default_workers(workers)
-    the_model = model if model is not None else FlameModel.synthetic(seed=0)
-    if the_model.uv is None:
-        raise InputError(f"render_dataset: model {the_model.name!r} has no UV layout")
-    root = Path(out_dir)
-    regions = _region_names(the_model)
-    create_dataset(
-        root,
-        model_name=the_model.name,
-        n_vertices=the_model.n_vertices,
-        image_size=cfg.size,
-        normal_space=cfg.normal_space,
-        uv_layout=uv_layout_id(the_model.uv),
-        regions=regions,
-        generator={"name": "render-dataset", "seed": int(seed), "views": int(views), "config": cfg.to_dict()},
+    the_model, root, regions = _open_dataset(
+        "render_dataset",
+        out_dir,
+        model,
+        cfg,
+        {"name": "render-dataset", "seed": int(seed), "views": int(views), "config": cfg.to_dict()},
     )
     result = BatchResult(root=root)
     tasks: list[tuple[str, Any]] = []
