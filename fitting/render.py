@@ -34,7 +34,7 @@ import numpy as np
 
 from .camera import Camera
 from .errors import InputError
-from .geometry import vertex_normals as _vertex_normals
+from .geometry import vertex_normals  # re-exported: renderer and fitter share it
 from .xp import get_array_module, to_numpy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,22 +62,6 @@ _SH_BAND = np.array([0, 1, 1, 1, 2, 2, 2, 2, 2])
 # A directional light of unit irradiance from d gives irradiance
 # E(n) = sum_k A_l(k) Y_k(d) Y_k(n) ~ max(0, n . d) (band-limited clamped cosine).
 _SH_COSINE = np.array([np.pi, 2 * np.pi / 3, np.pi / 4])[_SH_BAND]
-
-
-def vertex_normals(verts: Any, faces: Any) -> Any:
-    """Area-weighted unit vertex normals (NumPy or CuPy).
-
-    This is :func:`p3dmm.fitting.geometry.vertex_normals`, re-exported so the renderer
-    and the fitter share one definition.
-
-    Args:
-        verts: ``(V, 3)`` float vertices.
-        faces: ``(F, 3)`` int, counter-clockwise seen from outside.
-
-    Returns:
-        ``(V, 3)`` unit outward normals (zero for vertices in no face).
-    """
-    return _vertex_normals(verts, faces)
 
 
 def sh_basis(n: np.ndarray) -> np.ndarray:

@@ -99,13 +99,8 @@ _U16 = 65535.0
 
 
 # ------------------------------------------------------------------------ atomic IO
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    atomic_write_bytes(path, data)
-
-
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -159,7 +154,7 @@ def encode_png16(arr: np.ndarray) -> bytes:
 
 def write_png16(path: str | PathLike[str], arr: np.ndarray) -> None:
     """Atomically write a 16-bit grayscale or RGB PNG (see :func:`encode_png16`)."""
-    _atomic_write_bytes(Path(path), encode_png16(arr))
+    atomic_write_bytes(Path(path), encode_png16(arr))
 
 
 def decode_png16(data: bytes, path: str | PathLike[str] = "<bytes>") -> np.ndarray:
@@ -457,15 +452,15 @@ def write_sample(
         pass
     files = dict(_FILES, rgb=f"rgb.{rgb_format}")
     if rgb_format == "png":
-        _atomic_write_bytes(d / files["rgb"], _png8_bytes(maps.rgb))
+        atomic_write_bytes(d / files["rgb"], _png8_bytes(maps.rgb))
     else:
-        _atomic_write_bytes(d / files["rgb"], _png8_bytes(maps.rgb, "JPEG", 95))
+        atomic_write_bytes(d / files["rgb"], _png8_bytes(maps.rgb, "JPEG", 95))
     for stale in ("rgb.png", "rgb.jpg"):
         if stale != files["rgb"] and (d / stale).exists():
             (d / stale).unlink()
     write_png16(d / files["normals"], encode_normals(np.where(maps.coverage[..., None], maps.normals, 0.0)))
     write_png16(d / files["uv"], encode_uv(np.where(maps.coverage[..., None], maps.uv, 0.0)))
-    _atomic_write_bytes(d / files["mask"], _png8_bytes(maps.mask.astype(np.uint8) * 255))
+    atomic_write_bytes(d / files["mask"], _png8_bytes(maps.mask.astype(np.uint8) * 255))
     bits = np.zeros((H, W), dtype=np.uint16)
     for k, name in enumerate(names):
         m = maps.coverage if name == "coverage" else maps.regions.get(name)
