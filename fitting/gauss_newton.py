@@ -134,8 +134,9 @@ def normal_equations(
             if kp.size:
                 Jn = _normal_jacobian(ctx, verts, jac, frame, pix[kp], corners[kp], u[kp], R_out, state, normals.space, ids)
                 wt = (w.normal / normals.n_pixels) / xp.maximum(xp.abs(d[kp]), _EPS_N)  # (P, 3)
-                Jn2 = Jn.reshape(-1, nf)
-                H[:nf, :nf] += ((Jn2 * wt.reshape(-1)[:, None]).T @ Jn2).astype(xp.float64)
+                # J^T W J as (sqrt(W) J)^T (sqrt(W) J): numpy then uses a symmetric rank-k update
+                Jw = Jn.reshape(-1, nf) * xp.sqrt(wt).reshape(-1)[:, None]
+                H[:nf, :nf] += (Jw.T @ Jw).astype(xp.float64)
 
     # ---------------------------------------------------------------- UV rows
     if idx.size:
@@ -154,8 +155,8 @@ def normal_equations(
         J_pp = xp.broadcast_to(xp.eye(2, dtype=dt) / S, (idx.size, 2, 2))
         J = xp.concatenate([J_flame, J_t, J_f, J_pp], 2).reshape(-1, n)
         wt = (w.uv / uv.n_targets) / xp.maximum(rho[idx], _EPS_UV)
-        Jw = J * xp.repeat(wt, 2)[:, None]
-        H += (Jw.T @ J).astype(xp.float64)
+        Jw = J * xp.repeat(xp.sqrt(wt), 2)[:, None]
+        H += (Jw.T @ Jw).astype(xp.float64)
 
     # ------------------------------------------------------------ regulariser
     reg = xp.zeros(n, dtype=xp.float64)
@@ -206,14 +207,17 @@ def _normal_jacobian(
     fv = faces[fsel]  # (Fn, 3)
     vids = fv.reshape(-1)
     jac.ensure(vids if extra_ids is None else xp.concatenate([vids, extra_ids]))
-    J0, J1, J2 = jac.rows(fv[:, 0]), jac.rows(fv[:, 1]), jac.rows(fv[:, 2])
+    Fn = fv.shape[0]
+    Jc = jac.rows(fv.reshape(-1))  # (3 Fn, 3, nf): corner-major per face
+    nf = Jc.shape[2]
     v0, v1, v2 = verts[fv[:, 0]], verts[fv[:, 1]], verts[fv[:, 2]]
     e1, e2 = v1 - v0, v2 - v0
     from .lbs import _skew
 
-    # d(e1 x e2) = de1 x e2 + e1 x de2 = -[e2]x de1 + [e1]x de2
-    dfn = -_skew(e2) @ (J1 - J0) + _skew(e1) @ (J2 - J0)  # (Fn, 3, nf)
-    nf = dfn.shape[2]
+    # d(e1 x e2) = -[e2]x (dv1 - dv0) + [e1]x (dv2 - dv0)
+    #            = [e2 - e1]x dv0 - [e2]x dv1 + [e1]x dv2: one (3 x 9) @ (9 x nf) per face
+    K = xp.concatenate([_skew(e2 - e1), -_skew(e2), _skew(e1)], axis=2)  # (Fn, 3, 9)
+    dfn = K @ Jc.reshape(Fn, 9, nf)  # (Fn, 3, nf)
     dm = (sub @ dfn.reshape(dfn.shape[0], -1)).reshape(-1, 3, nf)  # (U, 3, nf)
     # unnormalised vertex normals of the used vertices
     fn = xp.cross(e1, e2)
