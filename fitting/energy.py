@@ -153,18 +153,34 @@ class Frame:
 
 @dataclass
 class EnergyTerms:
-    """Energy value per term (host floats) and the gradient w.r.t. the state."""
+    """Energy per term and the gradient w.r.t. the state.
 
-    uv: float
-    normal: float
-    regularizer: float
-    n_uv_active: int
-    n_normal_active: int
+    The values are 0-d arrays of the fitting device (NumPy scalars on the CPU, CuPy 0-d
+    arrays on the GPU), so evaluating the energy never waits for the device; ``float()``
+    one, or call :meth:`to_dict`, to read it.
+    """
+
+    uv: Any
+    normal: Any
+    regularizer: Any
+    n_uv_active: Any
+    n_normal_active: Any
     grad: FitState | None = None
 
     @property
-    def total(self) -> float:
+    def total(self) -> Any:
         return self.uv + self.normal + self.regularizer
+
+    def to_dict(self) -> dict[str, float]:
+        """Host values: total, uv, normal, regularizer, n_uv_active, n_normal_active."""
+        return {
+            "total": float(self.total),
+            "uv": float(self.uv),
+            "normal": float(self.normal),
+            "regularizer": float(self.regularizer),
+            "n_uv_active": int(self.n_uv_active),
+            "n_normal_active": int(self.n_normal_active),
+        }
 
 
 def project(state: FitState, verts: Any) -> tuple[Any, Any]:
@@ -181,6 +197,8 @@ def rendered_normals(
 ) -> tuple[Any, Any, Any, Any]:
     """Interpolated unit normals at pixels ``pix`` (flat indices) rotated by ``R_out``.
 
+    Empty pixels (face id -1) among ``pix`` give zero normals.
+
     Returns:
         (n_out ``(P, 3)``, u ``(P, 3)`` unnormalised world normals, vertex normal sums
         ``(V, 3)`` (:func:`vertex_normal_sums`), corner vertex ids ``(P, 3)``).
@@ -188,7 +206,7 @@ def rendered_normals(
     xp = get_array_module(verts)
     m = vertex_normal_sums(verts, faces)
     vn = m / xp.maximum(xp.sqrt((m * m).sum(-1, keepdims=True)), 1e-12)
-    fid = face_id.reshape(-1)[pix]
+    fid = xp.maximum(face_id.reshape(-1)[pix], 0)
     b = bary.reshape(-1, 3)[pix]
     corners = faces[fid]  # (P, 3)
     # u[p, i] = sum_k b[p, k] * vn[corners[p, k], i]
@@ -210,6 +228,7 @@ def evaluate_energy(
     pp_prior: Any = None,
     with_grad: bool = True,
     forward: tuple[Any, Any] | None = None,
+    dense_pixels: bool | None = None,
 ) -> EnergyTerms:
     """Energy of ``state`` with the fragments/visibility of ``frame`` held fixed.
 
@@ -226,9 +245,13 @@ def evaluate_energy(
         pp_prior: ``(2,)`` principal point prior.
         with_grad: compute the gradient too.
         forward: optional ``(vertices, cache)`` of :func:`flame_forward` at ``state``.
+        dense_pixels: evaluate L_n on every render pixel with a 0/1 weight instead of
+            gathering the covered ones (default: on CuPy, where a gather would need the
+            pixel count on the host; both give the same values).
 
     Returns:
-        :class:`EnergyTerms` (with ``grad`` when requested).
+        :class:`EnergyTerms` (with ``grad`` when requested); nothing is read back to
+        the host.
     """
     xp = get_array_module(state.shape)
     H, W = image_size
@@ -247,9 +270,9 @@ def evaluate_energy(
     r = (proj - uv.pixels) / S
     rho = xp.sqrt((r * r).sum(-1))
     active = frame.visible & (rho * S < weights.uv_cap_px) & (Xc[:, 2] > 0)
-    e_uv = weights.uv * float((rho * active).sum()) / uv.n_targets
-    n_uv = int(active.sum())
-    if with_grad and n_uv:
+    e_uv = weights.uv * (rho * active).sum() / uv.n_targets
+    n_uv = active.sum()
+    if with_grad:
         coef = (weights.uv / uv.n_targets) * active / xp.maximum(rho, 1e-12)
         g_proj = (coef[:, None] * r) / S  # dE/dproj
         f = xp.exp(state.log_f)
@@ -268,35 +291,36 @@ def evaluate_energy(
         g_verts = g_verts + scatter_add_rows(uv.vertex_ids, g_Xc @ R0, verts.shape[0])
 
     # ------------------------------------------------------------ normal term
-    e_n, n_n = 0.0, 0
+    e_n, n_n = xp.zeros((), dtype=dt), xp.zeros((), dtype=xp.int64)
     if normals is not None and weights.normal > 0:
-        cover = (frame.face_id >= 0) & normals.mask
-        pix = xp.nonzero(cover.reshape(-1))[0]
-        if pix.size:
+        cover = ((frame.face_id >= 0) & normals.mask).reshape(-1)
+        if dense_pixels is None:
+            dense_pixels = xp is not np
+        pix = xp.arange(cover.shape[0]) if dense_pixels else xp.nonzero(cover)[0]
+        if normals.space == "head":
+            Rg = rodrigues(state.pose[:1])[0]
+            R_out = Rg.T
+        else:
+            R_out = R0
+        n_out, u, vsums, corners = rendered_normals(verts, model.faces, frame.face_id, frame.bary, pix, R_out)
+        d = normals.normals.reshape(-1, 3)[pix] - n_out
+        keep = cover[pix] & (xp.abs(d).mean(-1) < weights.normal_outlier)
+        n_n = keep.sum()
+        e_n = weights.normal * (xp.abs(d).sum(-1) * keep).sum() / normals.n_pixels
+        if with_grad:
+            g_nout = -(weights.normal / normals.n_pixels) * xp.sign(d) * keep[:, None]
+            n_world = u / xp.maximum(xp.sqrt((u * u).sum(-1, keepdims=True)), 1e-12)
             if normals.space == "head":
-                Rg = rodrigues(state.pose[:1])[0]
-                R_out = Rg.T
-            else:
-                R_out = R0
-            n_out, u, vsums, corners = rendered_normals(verts, model.faces, frame.face_id, frame.bary, pix, R_out)
-            d = normals.normals.reshape(-1, 3)[pix] - n_out
-            keep = xp.abs(d).mean(-1) < weights.normal_outlier
-            n_n = int(keep.sum())
-            e_n = weights.normal * float((xp.abs(d).sum(-1) * keep).sum()) / normals.n_pixels
-            if with_grad and n_n:
-                g_nout = -(weights.normal / normals.n_pixels) * xp.sign(d) * keep[:, None]
-                n_world = u / xp.maximum(xp.sqrt((u * u).sum(-1, keepdims=True)), 1e-12)
-                if normals.space == "head":
-                    # n_out = Rg^T n  ->  dE/dRg[j, i] = sum_p n[p, j] g[p, i]
-                    g_Rg = n_world.T @ g_nout
-                    g_pose_extra[0] = rodrigues_vjp(state.pose[:1], g_Rg[None])[0]
-                g_n = g_nout @ R_out  # dE/dn_world
-                g_u = normalize_vjp(u, g_n)
-                b = frame.bary.reshape(-1, 3)[pix]
-                # vn[corners[p, k]] receives b[p, k] * g_u[p]
-                contrib = (b[:, :, None] * g_u[:, None, :]).reshape(-1, 3)
-                g_vn = scatter_add_rows(corners.reshape(-1), contrib, verts.shape[0])
-                g_verts = g_verts + vertex_normals_vjp(verts, model.faces, g_vn, vsums)
+                # n_out = Rg^T n  ->  dE/dRg[j, i] = sum_p n[p, j] g[p, i]
+                g_Rg = n_world.T @ g_nout
+                g_pose_extra[0] = rodrigues_vjp(state.pose[:1], g_Rg[None])[0]
+            g_n = g_nout @ R_out  # dE/dn_world
+            g_u = normalize_vjp(u, g_n)
+            b = frame.bary.reshape(-1, 3)[pix]
+            # vn[corners[p, k]] receives b[p, k] * g_u[p]
+            contrib = (b[:, :, None] * g_u[:, None, :]).reshape(-1, 3)
+            g_vn = scatter_add_rows(corners.reshape(-1), contrib, verts.shape[0])
+            g_verts = g_verts + vertex_normals_vjp(verts, model.faces, g_vn, vsums)
 
     # ------------------------------------------------------------ regulariser
     prior = shape_prior if shape_prior is not None else xp.zeros_like(state.shape)
@@ -305,13 +329,13 @@ def evaluate_energy(
     dpp = (state.pp - c0) / S
     dlf = state.log_f - focal_prior
     reg = (
-        weights.identity * float((ds * ds).sum())
-        + weights.expression * float((state.expr * state.expr).sum())
-        + weights.neck * float((state.pose[1] ** 2).sum())
-        + weights.jaw * float((state.pose[2] ** 2).sum())
-        + weights.eyes * float((state.pose[3:] ** 2).sum())
-        + weights.principal * float((dpp * dpp).sum())
-        + weights.focal * float(dlf * dlf)
+        weights.identity * (ds * ds).sum()
+        + weights.expression * (state.expr * state.expr).sum()
+        + weights.neck * (state.pose[1] ** 2).sum()
+        + weights.jaw * (state.pose[2] ** 2).sum()
+        + weights.eyes * (state.pose[3:] ** 2).sum()
+        + weights.principal * (dpp * dpp).sum()
+        + weights.focal * (dlf * dlf)
     )
     terms = EnergyTerms(uv=e_uv, normal=e_n, regularizer=reg, n_uv_active=n_uv, n_normal_active=n_n)
     if not with_grad:

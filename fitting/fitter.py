@@ -172,6 +172,8 @@ def _validate(obs: Observation, model: FlameModel, config: FitConfig) -> tuple[n
     if uv.ndim != 3 or uv.shape[2] != 2:
         raise InputError(f"fit: observation.uv has shape {uv.shape}, expected (H, W, 2)")
     H, W = uv.shape[:2]
+    if H != W:
+        raise InputError(f"fit: observation maps are {H}x{W}; expected a square face crop (H == W, e.g. 512x512)")
     if normals.shape != (H, W, 3):
         raise InputError(f"fit: observation.normals has shape {normals.shape}, expected ({H}, {W}, 3)")
     if mask.shape != (H, W):
@@ -219,7 +221,8 @@ def _uv_vertex_ids(model: FlameModel, regions: tuple[str, ...]) -> np.ndarray:
 
 
 def _downsample_normals(normals: Any, mask: Any, size: int) -> tuple[Any, Any, float]:
-    """Area-average normals (and majority mask) to ``size x size`` when H, W are multiples."""
+    """Square ``(S, S)`` maps to ``size x size``: area average (majority mask) when S is a
+    multiple of ``size``, nearest pixel otherwise."""
     xp = get_array_module(normals)
     H, W = mask.shape
     s = size / max(H, W)
@@ -396,8 +399,8 @@ def _adam(
             frame = ctx.render(state, fwd[0])
         e = ctx.energy(state, frame, weights, forward=fwd)
         grad = e.grad
-        if grad is None or not math.isfinite(e.total):
-            raise FittingError(f"fit: non-finite energy at {stage} step {it} ({e})")
+        if grad is None:  # pragma: no cover - energy() is called with_grad=True
+            raise FittingError("fit: the energy returned no gradient")
         for g in groups:
             gr = getattr(grad, g)
             if stage == "camera" and g == "pose":
@@ -409,6 +412,9 @@ def _adam(
             vh = v[g] / (1 - b2 ** (it + 1))
             setattr(state, g, getattr(state, g) - lrs[g] * mh / (xp.sqrt(vh) + eps))
         ctx.record(stage, it, e)
+    # one read-back per stage (none per step): a NaN anywhere reaches the last energy
+    if steps and not math.isfinite(float(ctx.history[-1][2].total)):
+        raise FittingError(f"fit: the energy became non-finite in the {stage} stage ({ctx.history[-1][2].to_dict()})")
     return state
 
 
@@ -436,7 +442,7 @@ class _Context:
         self.focal_prior = focal_prior
         self.pp_prior = pp_prior
         self.xp = get_array_module(model.v_template)
-        self.history: list[dict[str, float]] = []
+        self.history: list[tuple[str, int, EnergyTerms]] = []
         self.n_renders = 0
 
     def render(self, state: FitState, verts: Any = None) -> Frame:
@@ -464,9 +470,11 @@ class _Context:
         )
 
     def record(self, stage: str, it: int, e: EnergyTerms) -> None:
-        self.history.append(
-            {"stage": stage, "iteration": it, "total": e.total, "uv": e.uv, "normal": e.normal, "regularizer": e.regularizer}
-        )
+        """Keep the step's energy (device scalars; read back when the result is built)."""
+        self.history.append((stage, it, EnergyTerms(e.uv, e.normal, e.regularizer, e.n_uv_active, e.n_normal_active)))
+
+    def history_dicts(self) -> list[dict[str, Any]]:
+        return [{"stage": st, "iteration": it, **e.to_dict()} for st, it, e in self.history]
 
 
 # ================================================================================ fit
@@ -566,10 +574,12 @@ def fit(
     # ---------------------------------------------------------------- result
     frame = ctx.render(state)
     final = ctx.energy(state, frame, with_grad=False)
-    if not math.isfinite(final.total):
-        raise FittingError(f"fit: the energy became non-finite ({final}); check the observation maps")
+    energies = final.to_dict()
+    if not math.isfinite(energies["total"]):
+        raise FittingError(f"fit: the energy became non-finite ({energies}); check the observation maps")
+    history = ctx.history_dicts()
     if config.solver == "paper":
-        hist = [h["total"] for h in ctx.history if h["stage"] == "fit"]
+        hist = [h["total"] for h in history if h["stage"] == "fit"]
         converged = bool(hist) and hist[-1] <= hist[0]
         stop_reason = "schedule" if converged else "energy_increased"
     params_h = FlameParams(
@@ -595,9 +605,8 @@ def fit(
         camera=camera_h,
         vertices=verts,
         neutral_vertices=neutral,
-        energies={"total": final.total, "uv": final.uv, "normal": final.normal, "regularizer": final.regularizer,
-                  "n_uv_active": final.n_uv_active, "n_normal_active": final.n_normal_active},
-        history=ctx.history,
+        energies=energies,
+        history=history,
         iterations=iterations,
         converged=converged,
         stop_reason=stop_reason,

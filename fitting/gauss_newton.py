@@ -292,21 +292,22 @@ def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, int
         frame = ctx.render(state, fwd[0])
         e = ctx.energy(state, frame, normals=normals, forward=fwd)
         ctx.record("lm", it, e)
-        if not math.isfinite(e.total):
+        e_total = float(e.total)  # LM decides on host scalars: one read-back per trial
+        if not math.isfinite(e_total):
             from .errors import FittingError
 
-            raise FittingError(f"fit: non-finite energy at LM iteration {it} ({e})")
+            raise FittingError(f"fit: non-finite energy at LM iteration {it} ({e.to_dict()})")
         # new face ids / visibility can raise the energy: stop when two re-renders in a
         # row do not improve on the best state seen
-        if e.total > best_total * (1.0 - cfg.gn_tolerance):
+        if e_total > best_total * (1.0 - cfg.gn_tolerance):
             stale += 1
             if stale >= 2:
                 reason = "tolerance"
                 break
         else:
             stale = 0
-        if e.total < best_total:
-            best_state, best_total = state, e.total
+        if e_total < best_total:
+            best_state, best_total = state, e_total
         H, g = normal_equations(ctx, state, frame, normals, e, forward=fwd)
         x0 = state.to_vector()
         dH = xp.diag(H).copy()
@@ -315,10 +316,10 @@ def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, int
             A = H + mu * xp.diag(dH + 1e-9 * dH.max())
             step = -xp.linalg.solve(A, g)
             cand = state.from_vector((x0 + step).astype(x0.dtype))
-            ec = ctx.energy(cand, frame, with_grad=False, normals=normals)
-            log.debug("LM it %d mu %.2e E %.6g -> %.6g", it, mu, e.total, ec.total)
-            if math.isfinite(ec.total) and ec.total < e.total:
-                rel = (e.total - ec.total) / max(e.total, 1e-12)
+            ec_total = float(ctx.energy(cand, frame, with_grad=False, normals=normals).total)
+            log.debug("LM it %d mu %.2e E %.6g -> %.6g", it, mu, e_total, ec_total)
+            if math.isfinite(ec_total) and ec_total < e_total:
+                rel = (e_total - ec_total) / max(e_total, 1e-12)
                 state = cand
                 mu = max(mu / 3.0, 1e-7)
                 break

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -86,3 +88,16 @@ def test_energy_and_gradient_match_torch_autograd(space):
         ref = tens[n].grad.numpy()
         got = np.asarray(getattr(e.grad, n))
         np.testing.assert_allclose(got, ref, rtol=1e-7, atol=1e-9 * max(np.abs(ref).max(), 1e-3), err_msg=n)
+
+
+@pytest.mark.parametrize("space", ["camera", "head"])
+def test_dense_pixel_mode_equals_gathered_pixels(space):
+    """The GPU's sync-free dense evaluation of L_n (all pixels, 0/1 weights) equals the
+    CPU's gather of covered pixels, value and gradient."""
+    model, state, uv, normals, frame, w, size = _setup(space, seed=6)
+    w = dataclasses.replace(w, normal_outlier=0.9)  # some pixels cut as outliers too
+    a = evaluate_energy(model, state, uv, normals, frame, w, size, dense_pixels=False)
+    b = evaluate_energy(model, state, uv, normals, frame, w, size, dense_pixels=True)
+    assert a.to_dict() == pytest.approx(b.to_dict(), rel=1e-12)
+    assert 0 < a.to_dict()["n_normal_active"] < int(normals.mask.sum())
+    np.testing.assert_allclose(b.grad.to_vector(), a.grad.to_vector(), rtol=1e-10, atol=1e-14)

@@ -132,6 +132,8 @@ def test_wrong_shapes_and_dtypes(head, good_obs):
         fit(dataclasses.replace(good_obs, mask=good_obs.mask[None]), head)
     with pytest.raises(InputError, match=r"observation\.uv has dtype"):
         fit(dataclasses.replace(good_obs, uv=(good_obs.uv * 255).astype(np.uint8)), head)
+    with pytest.raises(InputError, match="square face crop"):
+        fit(dataclasses.replace(good_obs, uv=good_obs.uv[:200], normals=good_obs.normals[:200], mask=good_obs.mask[:200]), head)
     with pytest.raises(InputError, match="normal_space"):
         fit(dataclasses.replace(good_obs, normal_space="world"), head)
     with pytest.raises(InputError, match="shape_prior"):
