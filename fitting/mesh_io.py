@@ -59,11 +59,11 @@ def save_mesh(
         return write_obj_with_uv(path, v, uv.vt, f, uv.ft)
     import trimesh
 
-    mesh = trimesh.Trimesh(vertices=v, faces=f, process=False)
-    if vertex_colors is not None:
-        mesh.visual.vertex_colors = np.asarray(vertex_colors)
+    colors = None if vertex_colors is None else np.asarray(vertex_colors)
+    mesh = trimesh.Trimesh(vertices=v, faces=f, vertex_colors=colors, process=False)
     if ext == ".obj":
-        data = mesh.export(file_type="obj").encode()
+        text = mesh.export(file_type="obj")
+        data = text.encode() if isinstance(text, str) else bytes(text)
     elif ext in _TRIMESH_TYPES:
         buf = io.BytesIO()
         mesh.export(buf, file_type=_TRIMESH_TYPES[ext])
