@@ -33,7 +33,7 @@ from .camera import FLAME_TO_OPENCV, Camera
 from .energy import EnergyTerms, EnergyWeights, FitState, Frame, NormalTargets, UVTargets, evaluate_energy, project
 from .errors import FittingError, InputError
 from .flame_model import FlameModel, FlameParams
-from .lbs import flame_forward, rodrigues, shaped_vertices
+from .lbs import flame_forward, rodrigues, rotation_to_axis_angle, shaped_vertices
 from .xp import asarray_on, device_of, get_array_module, to_numpy
 
 __all__ = ["Observation", "FitConfig", "FitResult", "fit"]
@@ -164,44 +164,52 @@ class FitResult:
 
 
 # ======================================================================= validation
-def _validate(obs: Observation, model: FlameModel, config: FitConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Host-side checks; returns (normals, uv, mask) as host arrays of the right dtype."""
-    uv = to_numpy(obs.uv)
-    normals = to_numpy(obs.normals)
-    mask = to_numpy(obs.mask)
+def _validate(obs: Observation, model: FlameModel, config: FitConfig, xp: Any) -> tuple[Any, Any, Any]:
+    """Check the observation; returns (normals, uv, mask) on the fitting device.
+
+    Maps already on the device stay there (only two scalars are read back: the count
+    of non-finite masked pixels and the mask size).
+    """
+    uv, normals, mask = obs.uv, obs.normals, obs.mask
+    for name, a in (("uv", uv), ("normals", normals), ("mask", mask)):
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise InputError(f"fit: observation.{name} is a {type(a).__name__}, expected a NumPy or CuPy array")
     if uv.ndim != 3 or uv.shape[2] != 2:
-        raise InputError(f"fit: observation.uv has shape {uv.shape}, expected (H, W, 2)")
+        raise InputError(f"fit: observation.uv has shape {tuple(uv.shape)}, expected (H, W, 2)")
     H, W = uv.shape[:2]
     if H != W:
         raise InputError(f"fit: observation maps are {H}x{W}; expected a square face crop (H == W, e.g. 512x512)")
-    if normals.shape != (H, W, 3):
-        raise InputError(f"fit: observation.normals has shape {normals.shape}, expected ({H}, {W}, 3)")
-    if mask.shape != (H, W):
-        raise InputError(f"fit: observation.mask has shape {mask.shape}, expected ({H}, {W})")
+    if tuple(normals.shape) != (H, W, 3):
+        raise InputError(f"fit: observation.normals has shape {tuple(normals.shape)}, expected ({H}, {W}, 3)")
+    if tuple(mask.shape) != (H, W):
+        raise InputError(f"fit: observation.mask has shape {tuple(mask.shape)}, expected ({H}, {W})")
     for name, a in (("uv", uv), ("normals", normals)):
         if not np.issubdtype(a.dtype, np.floating):
             raise InputError(f"fit: observation.{name} has dtype {a.dtype}, expected float32")
-    if mask.dtype != bool:
-        if not np.issubdtype(mask.dtype, np.number):
-            raise InputError(f"fit: observation.mask has dtype {mask.dtype}, expected bool or float")
-        mask = mask > 0.5
+    if mask.dtype != bool and not np.issubdtype(mask.dtype, np.number):
+        raise InputError(f"fit: observation.mask has dtype {mask.dtype}, expected bool or float")
     if obs.normal_space not in ("camera", "head"):
         raise InputError(f"fit: observation.normal_space must be 'camera' or 'head', got {obs.normal_space!r}")
-    bad = ~(np.isfinite(uv).all(-1) & np.isfinite(normals).all(-1))
-    if (bad & mask).any():
-        raise InputError(
-            f"fit: {int((bad & mask).sum())} masked pixels have NaN/inf in observation.uv or observation.normals"
-        )
-    if int(mask.sum()) < config.min_mask_pixels:
-        raise FittingError(
-            f"fit: observation.mask has {int(mask.sum())} pixels, fewer than min_mask_pixels={config.min_mask_pixels}"
-        )
     if model.uv is None:
         raise FittingError(f"fit: model {model.name!r} has no UV layout; load it with uv='head_template.obj'")
     if obs.shape_prior is not None and tuple(np.shape(obs.shape_prior)) != (model.n_shape,):
         raise InputError(f"fit: observation.shape_prior has shape {np.shape(obs.shape_prior)}, expected ({model.n_shape},)")
-    normals = np.where(mask[..., None], normals, 0.0).astype(np.float32)
-    return normals, np.where(mask[..., None], uv, 0.0).astype(np.float32), mask
+    uv = asarray_on(xp, uv)
+    normals = asarray_on(xp, normals)
+    mask = asarray_on(xp, mask)
+    if mask.dtype != bool:
+        mask = mask > 0.5
+    bad = ~(xp.isfinite(uv).all(-1) & xp.isfinite(normals).all(-1)) & mask
+    n_bad = int(bad.sum())
+    if n_bad:
+        raise InputError(f"fit: {n_bad} masked pixels have NaN/inf in observation.uv or observation.normals")
+    n_mask = int(mask.sum())
+    if n_mask < config.min_mask_pixels:
+        raise FittingError(
+            f"fit: observation.mask has {n_mask} pixels, fewer than min_mask_pixels={config.min_mask_pixels}"
+        )
+    normals = xp.where(mask[..., None], normals, 0.0).astype(xp.float32)
+    return normals, xp.where(mask[..., None], uv, 0.0).astype(xp.float32), mask
 
 
 def _uv_vertex_ids(model: FlameModel, regions: tuple[str, ...]) -> np.ndarray:
@@ -267,12 +275,6 @@ def _render_frame(
 
 
 # ==================================================================== initialisation
-def _rotvec(R: np.ndarray) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
-
-    return Rotation.from_matrix(R).as_rotvec()
-
-
 def _init_rigid(
     model: FlameModel, uv: UVTargets, f0: float, pp0: Any, size: tuple[int, int], weights: EnergyWeights, iters: int = 15
 ) -> FitState:
@@ -281,91 +283,92 @@ def _init_rigid(
     An affine camera ``p = M X + b`` is fitted to (template vertex, target pixel) pairs by
     iteratively reweighted least squares; the nearest rotation to the rows of ``M``
     gives the head rotation, its scale the depth ``f0 / s``; then :func:`_refine_rigid`.
+    Runs on the fitting device in float64 without reading anything back.
     """
     xp = get_array_module(uv.pixels)
-    dt = model.v_template.dtype
-    X = to_numpy(model.v_template[uv.vertex_ids]).astype(np.float64)
-    p = to_numpy(uv.pixels).astype(np.float64)
-    pp = to_numpy(pp0).astype(np.float64)
-    A = np.concatenate([X, np.ones((len(X), 1))], 1)
-    w = np.ones(len(X))
+    X = model.v_template[uv.vertex_ids].astype(xp.float64)
+    p = uv.pixels.astype(xp.float64)
+    pp = asarray_on(xp, pp0, xp.float64)
+    A = xp.concatenate([X, xp.ones((X.shape[0], 1))], 1)
+    w = xp.ones(X.shape[0])
     for _ in range(5):
-        sol, *_ = np.linalg.lstsq(A * w[:, None], p * w[:, None], rcond=None)
-        res = np.linalg.norm(A @ sol - p, axis=1)
-        w = 1.0 / np.sqrt(np.maximum(res, 1.0))
+        sol = xp.linalg.lstsq(A * w[:, None], p * w[:, None], rcond=None)[0]
+        res = xp.sqrt(((A @ sol - p) ** 2).sum(1))
+        w = 1.0 / xp.sqrt(xp.maximum(res, 1.0))
     M, b = sol[:3].T, sol[3]
-    s = 0.5 * (np.linalg.norm(M[0]) + np.linalg.norm(M[1]))
-    B = np.stack([M[0] / s, M[1] / s, np.cross(M[0], M[1]) / s**2])
-    U, _, Vt = np.linalg.svd(B)
-    Rc = U @ np.diag([1.0, 1.0, np.linalg.det(U @ Vt)]) @ Vt  # camera-from-FLAME rotation R0 Rg
-    Rg = FLAME_TO_OPENCV.T @ Rc
-    tz = f0 / s - float((X @ Rc.T)[:, 2].mean())
+    s = 0.5 * (xp.sqrt((M[0] ** 2).sum()) + xp.sqrt((M[1] ** 2).sum()))
+    B = xp.stack([M[0] / s, M[1] / s, xp.cross(M[0], M[1]) / s**2])
+    U, _, Vt = xp.linalg.svd(B)
+    D = xp.diag(xp.stack([xp.ones(()), xp.ones(()), xp.linalg.det(U @ Vt)]))
+    Rc = U @ D @ Vt  # camera-from-FLAME rotation R0 Rg
+    Rg = asarray_on(xp, FLAME_TO_OPENCV).T @ Rc
+    tz = f0 / s - (X @ Rc.T)[:, 2].mean()
     txy = (b - pp) / s
-    return _refine_rigid(X, p, Rg, np.array([txy[0], txy[1], tz]), math.log(f0), pp, size, weights, iters, xp, dt, model)
+    t = xp.stack([txy[0], txy[1], tz])
+    return _refine_rigid(X, p, Rg, t, math.log(f0), pp, size, weights, iters, model)
 
 
 def _refine_rigid(
-    X: np.ndarray,
-    p: np.ndarray,
-    Rg: np.ndarray,
-    t: np.ndarray,
-    lf: float,
-    pp: np.ndarray,
+    X: Any,
+    p: Any,
+    Rg: Any,
+    t: Any,
+    lf0: float,
+    pp: Any,
     size: tuple[int, int],
     weights: EnergyWeights,
     iters: int,
-    xp: Any,
-    dt: Any,
     model: FlameModel,
 ) -> FitState:
     """Gauss-Newton with IRLS on ``(lambda_uv / N) sum |r_v| + lambda_f (log f - log f0)^2``.
 
     Variables: a left rotation increment in camera axes, the camera translation and the
-    log focal length; the template (zero shape/expression) is rigid here.
+    log focal length; the template (zero shape/expression) is rigid here. A fixed
+    number of iterations (no convergence test, which would read the device).
     """
-    R0 = FLAME_TO_OPENCV
+    xp = get_array_module(X)
+    R0 = asarray_on(xp, FLAME_TO_OPENCV)
     S = float(max(size))
-    lf0 = lf
-    n = max(len(X), 1)
+    n = max(X.shape[0], 1)
+    lf = xp.asarray(lf0, dtype=xp.float64)
+    eye7 = xp.eye(7)
     for _ in range(iters):
         Y = X @ (R0 @ Rg).T
         Xc = Y + t
-        f = math.exp(lf)
+        f = xp.exp(lf)
         Z = Xc[:, 2]
         r = (f * Xc[:, :2] / Z[:, None] + pp - p) / S
-        rho = np.linalg.norm(r, axis=1)
-        w = (weights.uv / n) / np.maximum(rho, 1e-4)
-        w[rho * S > 4 * weights.uv_cap_px] = 0.0  # gross outliers only: the init may be far
+        rho = xp.sqrt((r * r).sum(1))
+        w = (weights.uv / n) / xp.maximum(rho, 1e-4) * (rho * S <= 4 * weights.uv_cap_px)  # gross outliers out
         rows = []
         for k in range(2):
-            dp = np.zeros((len(X), 3))
-            dp[:, k] = f / Z
-            dp[:, 2] = -f * Xc[:, k] / Z**2
-            dp /= S
+            e_k = xp.zeros(3)
+            e_k[k] = 1.0
+            dp = (f / Z)[:, None] * e_k - (f * Xc[:, k] / Z**2)[:, None] * xp.asarray([0.0, 0.0, 1.0])
+            dp = dp / S
             # d/d(omega) of dp . (omega x Y) = Y x dp ; d/dt = dp ; d/dlogf = f X_k / Z / S
-            rows.append(np.concatenate([np.cross(Y, dp), dp, (f * Xc[:, k] / Z / S)[:, None]], 1))
-        J = np.concatenate(rows)
-        rr = np.concatenate([r[:, 0], r[:, 1]])
-        ww = np.concatenate([w, w])
+            rows.append(xp.concatenate([xp.cross(Y, dp), dp, (f * Xc[:, k] / Z / S)[:, None]], 1))
+        J = xp.concatenate(rows)
+        rr = xp.concatenate([r[:, 0], r[:, 1]])
+        ww = xp.concatenate([w, w])
         H = (J * ww[:, None]).T @ J
         g = (J * ww[:, None]).T @ rr
-        H[6, 6] += 2 * weights.focal
-        g[6] += 2 * weights.focal * (lf - lf0)
-        delta = -np.linalg.solve(H + 1e-9 * np.trace(H) * np.eye(7), g)
+        H = H + 2 * weights.focal * eye7[6][:, None] * eye7[6][None, :]
+        g = g + 2 * weights.focal * (lf - lf0) * eye7[6]
+        delta = -xp.linalg.solve(H + 1e-9 * xp.trace(H) * eye7, g)
         Rg = R0.T @ rodrigues(delta[None, :3])[0] @ R0 @ Rg
         t = t + delta[3:6]
-        lf = lf + float(delta[6])
-        if np.abs(delta).max() < 1e-8:
-            break
-    pose = np.zeros((5, 3))
-    pose[0] = _rotvec(Rg)
+        lf = lf + delta[6]
+    dt = model.v_template.dtype
+    pose = xp.zeros((5, 3), dtype=dt)
+    pose[0] = rotation_to_axis_angle(Rg).astype(dt)
     return FitState(
         shape=xp.zeros(model.n_shape, dtype=dt),
         expr=xp.zeros(model.n_expr, dtype=dt),
-        pose=asarray_on(xp, pose, dt),
-        t=asarray_on(xp, t, dt),
-        log_f=asarray_on(xp, lf, dt),
-        pp=asarray_on(xp, pp, dt),
+        pose=pose,
+        t=t.astype(dt),
+        log_f=lf.astype(dt),
+        pp=pp.astype(dt),
     )
 
 
@@ -487,10 +490,10 @@ def prepare(
         (per-image context shared by the solvers, initial state, timings).
     """
     timings: dict[str, float] = {}
-    normals_h, uv_h, mask_h = _validate(observation, model, config)
     xp = device_of(device)
+    normals_d, uv_d, mask_d = _validate(observation, model, config, xp)
     dmodel = _model_on(model, device)
-    H, W = mask_h.shape
+    H, W = mask_d.shape
     S = max(H, W)
 
     # ------------------------------------------------------------ correspondences
@@ -499,8 +502,6 @@ def prepare(
     t0 = time.perf_counter()
     ids = _uv_vertex_ids(model, config.uv_regions)
     query = asarray_on(xp, model.uv.vertex_uv[ids], np.float32)  # type: ignore[union-attr]
-    uv_d = asarray_on(xp, uv_h, np.float32)
-    mask_d = asarray_on(xp, mask_h)
     pix, valid = uv_targets(query, uv_d, mask_d, config.delta_uv_sq)
     n_valid = int(valid.sum())
     if n_valid < config.min_targets:
@@ -511,9 +512,7 @@ def prepare(
         )
     ids_d = asarray_on(xp, ids)[valid]
     uvt = UVTargets(vertex_ids=ids_d, pixels=pix[valid].astype(dmodel.v_template.dtype), n_targets=n_valid)
-    n_d, m_d, scale = _downsample_normals(
-        asarray_on(xp, normals_h, np.float32), mask_d, min(config.render_size, S)
-    )
+    n_d, m_d, scale = _downsample_normals(normals_d, mask_d, min(config.render_size, S))
     ntg = NormalTargets(normals=n_d.astype(dmodel.v_template.dtype), mask=m_d, space=observation.normal_space, scale=scale)
     timings["correspondences"] = time.perf_counter() - t0
 

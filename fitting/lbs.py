@@ -533,3 +533,35 @@ def flame_jacobian(model: "FlameModel", cache: ForwardCache, vertex_ids: Any = N
     # dv[v, i, d] = sum_l dTR[v, d, i, l] vp[v, l] + dTt[v, d, i] + sum_l TR[v, i, l] dvp[v, l, d]
     Jp = (dTR @ vp[:, None, :, None])[..., 0].transpose(0, 2, 1) + dTt.transpose(0, 2, 1) + TR @ dvp
     return xp.concatenate([Jc, Jp], axis=2).astype(dt)
+
+
+def rotation_to_axis_angle(R: Any) -> Any:
+    """Inverse of :func:`rodrigues` for one rotation: ``(3, 3)`` -> ``(3,)`` axis-angle.
+
+    Through the unit quaternion (Shepperd's choice of the largest of w, x, y, z, made
+    with array selects so that CuPy input is never read on the host); the angle is in
+    [0, pi].
+    """
+    xp = get_array_module(R)
+    r = R.astype(xp.float64)
+    t = r[0, 0] + r[1, 1] + r[2, 2]
+    d = xp.stack([t, r[0, 0], r[1, 1], r[2, 2]])
+    # candidate quaternions (w, x, y, z), one per largest component
+    s0 = xp.sqrt(xp.maximum(1.0 + t, 1e-12)) * 2.0
+    s1 = xp.sqrt(xp.maximum(1.0 + r[0, 0] - r[1, 1] - r[2, 2], 1e-12)) * 2.0
+    s2 = xp.sqrt(xp.maximum(1.0 - r[0, 0] + r[1, 1] - r[2, 2], 1e-12)) * 2.0
+    s3 = xp.sqrt(xp.maximum(1.0 - r[0, 0] - r[1, 1] + r[2, 2], 1e-12)) * 2.0
+    q = xp.stack(
+        [
+            xp.stack([0.25 * s0, (r[2, 1] - r[1, 2]) / s0, (r[0, 2] - r[2, 0]) / s0, (r[1, 0] - r[0, 1]) / s0]),
+            xp.stack([(r[2, 1] - r[1, 2]) / s1, 0.25 * s1, (r[0, 1] + r[1, 0]) / s1, (r[0, 2] + r[2, 0]) / s1]),
+            xp.stack([(r[0, 2] - r[2, 0]) / s2, (r[0, 1] + r[1, 0]) / s2, 0.25 * s2, (r[1, 2] + r[2, 1]) / s2]),
+            xp.stack([(r[1, 0] - r[0, 1]) / s3, (r[0, 2] + r[2, 0]) / s3, (r[1, 2] + r[2, 1]) / s3, 0.25 * s3]),
+        ]
+    )[xp.argmax(d)]
+    q = q * xp.where(q[0] < 0, -1.0, 1.0)  # w >= 0: angle in [0, pi]
+    v = q[1:]
+    n = xp.sqrt((v * v).sum())
+    angle = 2.0 * xp.arctan2(n, q[0])
+    scale = xp.where(n > 1e-12, angle / xp.maximum(n, 1e-300), 2.0 / xp.maximum(q[0], 1e-300))
+    return (v * scale).astype(R.dtype)

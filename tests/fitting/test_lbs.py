@@ -169,3 +169,20 @@ def test_flame_jacobian_matches_vjp_and_finite_differences():
     # subset of vertices
     ids = np.array([3, 7, 50])
     np.testing.assert_allclose(flame_jacobian(model, cache, ids), Jv[ids])
+
+
+def test_rotation_to_axis_angle_inverts_rodrigues():
+    from p3dmm.fitting.lbs import rotation_to_axis_angle
+
+    rng = np.random.default_rng(30)
+    axes = rng.normal(size=(40, 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    angles = np.concatenate([rng.uniform(0, np.pi, 34), [0.0, 1e-9, 1e-4, np.pi - 1e-6, np.pi, 2.0]])
+    for axis, ang in zip(axes, angles):
+        r = axis * ang
+        R = rodrigues(r[None])[0]
+        back = rotation_to_axis_angle(R)
+        np.testing.assert_allclose(rodrigues(back[None])[0], R, atol=1e-9)
+        assert np.linalg.norm(back) <= np.pi + 1e-9
+        if 1e-6 < ang < np.pi - 1e-3:
+            np.testing.assert_allclose(back, r, atol=1e-8)
