@@ -86,6 +86,9 @@ class FitConfig:
         gn_iterations: Levenberg-Marquardt iterations of the fast solver.
         gn_normal_stride: the fast solver uses every k-th render row/column for L_n.
         gn_tolerance: relative energy decrease below which LM stops.
+        gn_irls_floor_start / gn_irls_floor_decay: the IRLS residual floors start this
+            many times larger (flatter, more quadratic models: long early steps) and
+            shrink by the decay factor per iteration down to their base values.
         rerender_every: steps between re-renders (face ids, visibility) in the paper solver.
     """
 
@@ -109,6 +112,8 @@ class FitConfig:
     gn_iterations: int = 20
     gn_normal_stride: int = 2
     gn_tolerance: float = 5e-3
+    gn_irls_floor_start: float = 5.0
+    gn_irls_floor_decay: float = 0.6
     rerender_every: int = 1
 
     def __post_init__(self) -> None:

@@ -89,11 +89,14 @@ def normal_equations(
     normals: NormalTargets,
     energy: EnergyTerms,
     forward: tuple[Any, Any] | None = None,
+    eps_scale: float = 1.0,
 ) -> tuple[Any, Any]:
     """IRLS Gauss-Newton system ``(H, g)`` at ``state`` (g is the exact energy gradient).
 
     Args:
         forward: optional ``(vertices, cache)`` of :func:`flame_forward` at ``state``.
+        eps_scale: multiplies the IRLS residual floors (> 1 gives flatter, more
+            quadratic models and longer steps).
 
     Returns:
         ``H (n, n)`` and ``g (n,)`` over :meth:`FitState.to_vector`'s layout.
@@ -133,7 +136,7 @@ def normal_equations(
             kp = xp.nonzero(keep)[0]
             if kp.size:
                 Jn = _normal_jacobian(ctx, verts, jac, frame, pix[kp], corners[kp], u[kp], R_out, state, normals.space, ids)
-                wt = (w.normal / normals.n_pixels) / xp.maximum(xp.abs(d[kp]), _EPS_N)  # (P, 3)
+                wt = (w.normal / normals.n_pixels) / xp.maximum(xp.abs(d[kp]), _EPS_N * eps_scale)  # (P, 3)
                 # J^T W J as (sqrt(W) J)^T (sqrt(W) J): numpy then uses a symmetric rank-k update
                 Jw = Jn.reshape(-1, nf) * xp.sqrt(wt).reshape(-1)[:, None]
                 H[:nf, :nf] += (Jw.T @ Jw).astype(xp.float64)
@@ -154,7 +157,7 @@ def normal_equations(
         J_f = (f * Xa[:, :2] / Z[:, None] / S)[:, :, None]  # (A, 2, 1)
         J_pp = xp.broadcast_to(xp.eye(2, dtype=dt) / S, (idx.size, 2, 2))
         J = xp.concatenate([J_flame, J_t, J_f, J_pp], 2).reshape(-1, n)
-        wt = (w.uv / uv.n_targets) / xp.maximum(rho[idx], _EPS_UV)
+        wt = (w.uv / uv.n_targets) / xp.maximum(rho[idx], _EPS_UV * eps_scale)
         Jw = J * xp.repeat(xp.sqrt(wt), 2)[:, None]
         H += (Jw.T @ Jw).astype(xp.float64)
 
@@ -308,7 +311,8 @@ def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, int
             stale = 0
         if e_total < best_total:
             best_state, best_total = state, e_total
-        H, g = normal_equations(ctx, state, frame, normals, e, forward=fwd)
+        floors = max(1.0, cfg.gn_irls_floor_start * cfg.gn_irls_floor_decay ** (it - 1))
+        H, g = normal_equations(ctx, state, frame, normals, e, forward=fwd, eps_scale=floors)
         x0 = state.to_vector()
         dH = xp.diag(H).copy()
         rel = -1.0
