@@ -152,18 +152,20 @@ def uv_nearest_pixels(
     xp, q, uv, valid, _, _ = _check_inputs(fn, query_uv, uv_map, mask)
     if method == "auto":
         method = "kdtree" if xp is np else "cuda"
-    if method == "bruteforce":
-        return _bruteforce(xp, q, uv, valid)
     if method in ("kdtree", "grid") and xp is not np:
         raise InputError(f"{fn}: method={method!r} runs on NumPy arrays; got CuPy arrays (use 'cuda')")
     if method == "cuda" and xp is np:
         raise InputError(f"{fn}: method='cuda' needs CuPy arrays; got NumPy arrays (use 'kdtree' or 'grid')")
-    if method == "kdtree":
-        return _kdtree_search(q, uv, valid)
-    if method == "grid":
+    if method == "cuda":
+        return _cuda_search(q, uv, valid, g)
+    # huge UVs overflow float32 squared distances to +inf by design (as on the GPU)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if method == "bruteforce":
+            return _bruteforce(xp, q, uv, valid)
+        if method == "kdtree":
+            return _kdtree_search(q, uv, valid)
         cell_start, cell_pix = build_uv_grid_reference(uv, valid, g)
         return _grid_search_reference(q, uv, cell_start, cell_pix, g)
-    return _cuda_search(q, uv, valid, g)
 
 
 def uv_nearest_pixels_bruteforce(
@@ -181,7 +183,8 @@ def uv_nearest_pixels_bruteforce(
         ``(pixel_index (Q,) int32, sq_dist (Q,) float32)`` as :func:`uv_nearest_pixels`.
     """
     xp, q, uv, valid, _, _ = _check_inputs("uv_nearest_pixels_bruteforce", query_uv, uv_map, mask)
-    return _bruteforce(xp, q, uv, valid, chunk_elems=chunk_elems)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _bruteforce(xp, q, uv, valid, chunk_elems=chunk_elems)
 
 
 def uv_targets(
@@ -344,7 +347,8 @@ def build_uv_grid_reference(uv: np.ndarray, valid: np.ndarray, grid_size: int) -
     """
     g = grid_size
     uvc = np.where(valid[:, None], uv, np.float32(0.0))
-    t = np.clip(uvc * np.float32(g), np.float32(0.0), np.float32(g - 1))  # exact product
+    with np.errstate(over="ignore"):  # huge UVs saturate to the border cells, as on the GPU
+        t = np.clip(uvc * np.float32(g), np.float32(0.0), np.float32(g - 1))  # exact product
     c = t.astype(np.int32)  # truncation == floor on [0, G-1]
     cell = np.where(valid, c[:, 1] * g + c[:, 0], g * g).astype(np.int32)
     counts = np.bincount(cell, minlength=g * g + 1)
