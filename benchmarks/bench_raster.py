@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 from _timing import median_ms  # benchmarks/_timing.py (scripts run from benchmarks/)
 
@@ -69,42 +69,30 @@ def main() -> None:
 
     rows: list[tuple[str, int, bool, float, float]] = []
     first_call: dict[str, float] = {}
-    for size in args.sizes:
-        cam = Camera.frontal(distance=1.0, width=size, height=size)
-        verts_cam = np.ascontiguousarray(cam.to_camera(verts), dtype=np.float32)
-        for cull in (False, True):
-            if "cpu" not in first_call:
-                t0 = time.perf_counter()
-                rasterize(verts_cam, faces, cam, size, size, cull_backfaces=cull)
-                first_call["cpu"] = (time.perf_counter() - t0) * 1e3
-            frags = rasterize(verts_cam, faces, cam, size, size, cull_backfaces=cull)
-            coverage = float(frags.mask.mean())
-            ms = median_ms(lambda: rasterize(verts_cam, faces, cam, size, size, cull_backfaces=cull), args.repeats)
-            rows.append(("cpu (numba, 1 thread)", size, cull, ms, coverage))
 
+    def measure(key: str, label: str, to_device: Callable[[np.ndarray], Any], sync: Callable[[], None] | None) -> None:
+        faces_d = to_device(faces)
+        for size in args.sizes:
+            cam = Camera.frontal(distance=1.0, width=size, height=size)
+            verts_d = to_device(np.ascontiguousarray(cam.to_camera(verts), dtype=np.float32))
+            for cull in (False, True):
+                run = lambda: rasterize(verts_d, faces_d, cam, size, size, cull_backfaces=cull)  # noqa: E731
+                if key not in first_call:
+                    t0 = time.perf_counter()
+                    run()
+                    if sync:
+                        sync()
+                    first_call[key] = (time.perf_counter() - t0) * 1e3
+                coverage = float(run().mask.mean())
+                rows.append((label, size, cull, median_ms(run, args.repeats, sync=sync), coverage))
+
+    measure("cpu", "cpu (numba, 1 thread)", lambda a: a, None)
     reason = _gpu_reason()
     if reason is None:
         import cupy as cp
 
         name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
-        faces_d = cp.asarray(faces)
-        for size in args.sizes:
-            cam = Camera.frontal(distance=1.0, width=size, height=size)
-            verts_d = cp.asarray(cam.to_camera(verts), dtype=cp.float32)
-            for cull in (False, True):
-                if "gpu" not in first_call:
-                    t0 = time.perf_counter()
-                    rasterize(verts_d, faces_d, cam, size, size, cull_backfaces=cull)
-                    cp.cuda.Device().synchronize()
-                    first_call["gpu"] = (time.perf_counter() - t0) * 1e3
-                frags = rasterize(verts_d, faces_d, cam, size, size, cull_backfaces=cull)
-                coverage = float(frags.mask.mean())
-                ms = median_ms(
-                    lambda: rasterize(verts_d, faces_d, cam, size, size, cull_backfaces=cull),
-                    args.repeats,
-                    sync=cp.cuda.Device().synchronize,
-                )
-                rows.append((f"gpu ({name})", size, cull, ms, coverage))
+        measure("gpu", f"gpu ({name})", cp.asarray, cp.cuda.Device().synchronize)
     else:
         print(f"GPU: skipped ({reason})")
 
