@@ -104,15 +104,29 @@ class FitState:
 class UVTargets:
     """Per-image UV correspondences (computed once per image).
 
+    The arrays have one row per query vertex whether or not it found a pixel (fixed
+    shapes: selecting the valid rows would need their count on the host); ``valid``
+    marks the ones that did.
+
     Attributes:
-        vertex_ids: ``(N,) int`` FLAME vertices with a target.
+        vertex_ids: ``(N,) int`` FLAME vertices queried.
         pixels: ``(N, 2) float`` target pixel coordinates (x = column, y = row).
-        n_targets: normaliser N_t of L_uv (number of valid targets).
+        n_targets: normaliser N_t of L_uv, the number of valid targets (an int, or on
+            CuPy a 0-d device array in the pixels' float dtype, so it does not promote).
+        valid: ``(N,) bool`` rows with a correspondence (None: all of them).
     """
 
     vertex_ids: Any
     pixels: Any
-    n_targets: int
+    n_targets: Any
+    valid: Any = None
+
+    def weight(self) -> Any:
+        """``(N,)`` 1.0 for valid rows, 0.0 otherwise (in the pixels' dtype)."""
+        xp = get_array_module(self.pixels)
+        if self.valid is None:
+            return xp.ones(self.pixels.shape[0], dtype=self.pixels.dtype)
+        return self.valid.astype(self.pixels.dtype)
 
 
 @dataclass
@@ -124,16 +138,25 @@ class NormalTargets:
         mask: ``(H, W) bool`` pixels that take part.
         space: ``"camera"`` or ``"head"``.
         scale: render size / observation size (the camera is scaled by it).
+        grid: optional ``(P,)`` flat indices of the only pixels ``mask`` can be True at
+            (a strided subset); the dense L_n evaluation then visits just those.
+        n_pixels: normaliser of L_n, ``max(mask.sum(), 1)`` (an int on NumPy, a 0-d
+            device array on CuPy, where reading it would synchronise).
     """
 
     normals: Any
     mask: Any
     space: str
     scale: float
-    n_pixels: int = field(init=False)
+    grid: Any = None
+    n_pixels: Any = field(init=False)
 
     def __post_init__(self) -> None:
-        self.n_pixels = max(int(self.mask.sum()), 1)
+        xp = get_array_module(self.mask)
+        if xp is np:
+            self.n_pixels = max(int(self.mask.sum()), 1)
+        else:  # in the normals' dtype: an int64 0-d array would promote float32 weights to float64
+            self.n_pixels = xp.maximum(self.mask.sum(), 1).astype(self.normals.dtype)
 
 
 @dataclass
@@ -245,9 +268,10 @@ def evaluate_energy(
         pp_prior: ``(2,)`` principal point prior.
         with_grad: compute the gradient too.
         forward: optional ``(vertices, cache)`` of :func:`flame_forward` at ``state``.
-        dense_pixels: evaluate L_n on every render pixel with a 0/1 weight instead of
-            gathering the covered ones (default: on CuPy, where a gather would need the
-            pixel count on the host; both give the same values).
+        dense_pixels: evaluate L_n on every render pixel (every pixel of
+            ``normals.grid`` when given) with a 0/1 weight instead of gathering the
+            covered ones (default: on CuPy, where a gather would need the pixel count on
+            the host; both give the same values).
 
     Returns:
         :class:`EnergyTerms` (with ``grad`` when requested); nothing is read back to
@@ -270,6 +294,8 @@ def evaluate_energy(
     r = (proj - uv.pixels) / S
     rho = xp.sqrt((r * r).sum(-1))
     active = frame.visible & (rho * S < weights.uv_cap_px) & (Xc[:, 2] > 0)
+    if uv.valid is not None:
+        active = active & uv.valid
     e_uv = weights.uv * (rho * active).sum() / uv.n_targets
     n_uv = active.sum()
     if with_grad:
@@ -296,7 +322,10 @@ def evaluate_energy(
         cover = ((frame.face_id >= 0) & normals.mask).reshape(-1)
         if dense_pixels is None:
             dense_pixels = xp is not np
-        pix = xp.arange(cover.shape[0]) if dense_pixels else xp.nonzero(cover)[0]
+        if dense_pixels:
+            pix = normals.grid if normals.grid is not None else xp.arange(cover.shape[0])
+        else:
+            pix = xp.nonzero(cover)[0]
         if normals.space == "head":
             Rg = rodrigues(state.pose[:1])[0]
             R_out = Rg.T

@@ -34,7 +34,7 @@ from .energy import EnergyTerms, EnergyWeights, FitState, Frame, NormalTargets, 
 from .errors import FittingError, InputError
 from .flame_model import FlameModel, FlameParams
 from .lbs import flame_forward, rodrigues, rotation_to_axis_angle, shaped_vertices
-from .xp import asarray_on, device_of, get_array_module, to_numpy
+from .xp import asarray_on, device_of, get_array_module
 
 __all__ = ["Observation", "FitConfig", "FitResult", "fit"]
 
@@ -83,7 +83,8 @@ class FitConfig:
         visibility_tolerance: depth slack (m) of the vertex visibility test.
         paper_camera_steps / paper_steps: Adam steps of the camera stage / full stage.
         lr_*: Adam learning rates per variable group (paper: shape 1e-3, expr 3e-3).
-        gn_iterations: Levenberg-Marquardt iterations of the fast solver.
+        gn_iterations: Levenberg-Marquardt passes of the fast solver (one tried step each;
+            an accepted step is followed by a re-render and a new linearisation).
         gn_normal_stride: the fast solver uses every k-th render row/column for L_n.
         gn_tolerance: relative energy decrease below which LM stops.
         gn_irls_floor_start / gn_irls_floor_decay: the IRLS residual floors start this
@@ -109,7 +110,7 @@ class FitConfig:
     lr_t: float = 1e-3
     lr_log_f: float = 3e-3
     lr_pp: float = 0.1
-    gn_iterations: int = 20
+    gn_iterations: int = 30
     gn_normal_stride: int = 2
     gn_tolerance: float = 5e-3
     gn_irls_floor_start: float = 5.0
@@ -169,11 +170,57 @@ class FitResult:
 
 
 # ======================================================================= validation
-def _validate(obs: Observation, model: FlameModel, config: FitConfig, xp: Any) -> tuple[Any, Any, Any]:
+class _Checks:
+    """Checks of the input whose outcome is a count on the fitting device.
+
+    On NumPy a failing check raises at once. On CuPy reading the count would make the host
+    wait for the device, so the checks are queued and :meth:`raise_failed` reads all of
+    them in one transfer when the result is read; the solve runs meanwhile (on arrays
+    that stay finite or merely produce a non-finite energy) and no result is returned
+    from input that failed a check.
+    """
+
+    def __init__(self, xp: Any) -> None:
+        self.xp = xp
+        self._pending: list[tuple[Any, Any, Any]] = []
+
+    def require(self, count: Any, ok: Any, error: Any) -> None:
+        """Raise ``error(n)`` unless ``ok(n)`` for ``n = int(count)`` (now, or deferred on the GPU)."""
+        if self.xp is np:
+            n = int(count)
+            if not ok(n):
+                raise error(n)
+        else:
+            self._pending.append((count, ok, error))
+
+    def counts(self) -> Any:
+        """``(n_checks,)`` float64 device vector of the queued counts (empty on NumPy)."""
+        xp = self.xp
+        if not self._pending:
+            return xp.zeros(0)
+        return xp.stack([xp.asarray(c, dtype=xp.float64).reshape(()) for c, _, _ in self._pending])
+
+    def raise_failed(self, counts: Any = None) -> None:
+        """Raise the first failed queued check's error.
+
+        Args:
+            counts: host copy of :meth:`counts` (read here when not given).
+        """
+        if not self._pending:
+            return
+        values = self.counts().get() if counts is None else counts
+        pending, self._pending = self._pending, []
+        for n, (_, ok, error) in zip(values, pending):
+            if not ok(int(n)):
+                raise error(int(n))
+
+
+def _validate(obs: Observation, model: FlameModel, config: FitConfig, xp: Any, checks: _Checks) -> tuple[Any, Any, Any]:
     """Check the observation; returns (normals, uv, mask) on the fitting device.
 
-    Maps already on the device stay there (only two scalars are read back: the count
-    of non-finite masked pixels and the mask size).
+    Shapes, dtypes and the model are checked on the host at once. The two checks that
+    need the data (non-finite masked pixels, mask size) go through ``checks``: immediate
+    on NumPy, read with the result on CuPy (maps already on the device stay there).
     """
     uv, normals, mask = obs.uv, obs.normals, obs.mask
     for name, a in (("uv", uv), ("normals", normals), ("mask", mask)):
@@ -205,14 +252,17 @@ def _validate(obs: Observation, model: FlameModel, config: FitConfig, xp: Any) -
     if mask.dtype != bool:
         mask = mask > 0.5
     bad = ~(xp.isfinite(uv).all(-1) & xp.isfinite(normals).all(-1)) & mask
-    n_bad = int(bad.sum())
-    if n_bad:
-        raise InputError(f"fit: {n_bad} masked pixels have NaN/inf in observation.uv or observation.normals")
-    n_mask = int(mask.sum())
-    if n_mask < config.min_mask_pixels:
-        raise FittingError(
-            f"fit: observation.mask has {n_mask} pixels, fewer than min_mask_pixels={config.min_mask_pixels}"
-        )
+    checks.require(
+        bad.sum(),
+        lambda n: n == 0,
+        lambda n: InputError(f"fit: {n} masked pixels have NaN/inf in observation.uv or observation.normals"),
+    )
+    min_px = config.min_mask_pixels
+    checks.require(
+        mask.sum(),
+        lambda n: n >= min_px,
+        lambda n: FittingError(f"fit: observation.mask has {n} pixels, fewer than min_mask_pixels={min_px}"),
+    )
     normals = xp.where(mask[..., None], normals, 0.0).astype(xp.float32)
     return normals, xp.where(mask[..., None], uv, 0.0).astype(xp.float32), mask
 
@@ -286,36 +336,44 @@ def _init_rigid(
     """Head rotation, camera translation and focal from UV correspondences alone.
 
     An affine camera ``p = M X + b`` is fitted to (template vertex, target pixel) pairs by
-    iteratively reweighted least squares; the nearest rotation to the rows of ``M``
-    gives the head rotation, its scale the depth ``f0 / s``; then :func:`_refine_rigid`.
-    Runs on the fitting device in float64 without reading anything back.
+    iteratively reweighted least squares (normal equations: ``lstsq`` would read the rank
+    back on CuPy); the nearest rotation to the rows of ``M`` gives the head rotation, its
+    scale the depth ``f0 / s``; then :func:`_refine_rigid`. Runs on the fitting device in
+    float64 without reading anything back.
     """
     xp = get_array_module(uv.pixels)
     X = model.v_template[uv.vertex_ids].astype(xp.float64)
     p = uv.pixels.astype(xp.float64)
+    valid = uv.weight().astype(xp.float64)
     pp = asarray_on(xp, pp0, xp.float64)
     A = xp.concatenate([X, xp.ones((X.shape[0], 1))], 1)
-    w = xp.ones(X.shape[0])
+    w = valid
     for _ in range(5):
-        sol = xp.linalg.lstsq(A * w[:, None], p * w[:, None], rcond=None)[0]
+        Aw = A * w[:, None]
+        AtA = Aw.T @ A
+        AtA = AtA + 1e-9 * (xp.trace(AtA) + 1.0) * xp.eye(4)  # keeps a degenerate set solvable
+        sol = xp.linalg.solve(AtA, Aw.T @ p)
         res = xp.sqrt(((A @ sol - p) ** 2).sum(1))
-        w = 1.0 / xp.sqrt(xp.maximum(res, 1.0))
+        w = valid / xp.maximum(res, 1.0)  # IRLS for sum |r|: weight 1/|r| on the squares
     M, b = sol[:3].T, sol[3]
-    s = 0.5 * (xp.sqrt((M[0] ** 2).sum()) + xp.sqrt((M[1] ** 2).sum()))
+    # s > 0 keeps a degenerate fit (no correspondences: reported when the result is read) finite
+    s = xp.maximum(0.5 * (xp.sqrt((M[0] ** 2).sum()) + xp.sqrt((M[1] ** 2).sum())), 1e-9)
     B = xp.stack([M[0] / s, M[1] / s, xp.cross(M[0], M[1]) / s**2])
     U, _, Vt = xp.linalg.svd(B)
     D = xp.diag(xp.stack([xp.ones(()), xp.ones(()), xp.linalg.det(U @ Vt)]))
     Rc = U @ D @ Vt  # camera-from-FLAME rotation R0 Rg
     Rg = asarray_on(xp, FLAME_TO_OPENCV).T @ Rc
-    tz = f0 / s - (X @ Rc.T)[:, 2].mean()
+    tz = f0 / s - ((X @ Rc.T)[:, 2] * valid).sum() / xp.maximum(valid.sum(), 1.0)
     txy = (b - pp) / s
     t = xp.stack([txy[0], txy[1], tz])
-    return _refine_rigid(X, p, Rg, t, math.log(f0), pp, size, weights, iters, model)
+    return _refine_rigid(X, p, valid, uv.n_targets, Rg, t, math.log(f0), pp, size, weights, iters, model)
 
 
 def _refine_rigid(
     X: Any,
     p: Any,
+    valid: Any,
+    n_targets: Any,
     Rg: Any,
     t: Any,
     lf0: float,
@@ -328,13 +386,14 @@ def _refine_rigid(
     """Gauss-Newton with IRLS on ``(lambda_uv / N) sum |r_v| + lambda_f (log f - log f0)^2``.
 
     Variables: a left rotation increment in camera axes, the camera translation and the
-    log focal length; the template (zero shape/expression) is rigid here. A fixed
+    log focal length; the template (zero shape/expression) is rigid here; ``valid``
+    (0/1 per row) drops rows without a correspondence and ``n_targets`` is N. A fixed
     number of iterations (no convergence test, which would read the device).
     """
     xp = get_array_module(X)
     R0 = asarray_on(xp, FLAME_TO_OPENCV)
     S = float(max(size))
-    n = max(X.shape[0], 1)
+    n = xp.maximum(xp.asarray(n_targets, dtype=xp.float64), 1.0)
     lf = xp.asarray(lf0, dtype=xp.float64)
     eye7 = xp.eye(7)
     for _ in range(iters):
@@ -344,7 +403,7 @@ def _refine_rigid(
         Z = Xc[:, 2]
         r = (f * Xc[:, :2] / Z[:, None] + pp - p) / S
         rho = xp.sqrt((r * r).sum(1))
-        w = (weights.uv / n) / xp.maximum(rho, 1e-4) * (rho * S <= 4 * weights.uv_cap_px)  # gross outliers out
+        w = valid * (weights.uv / n) / xp.maximum(rho, 1e-4) * (rho * S <= 4 * weights.uv_cap_px)  # outliers out
         rows = []
         for k in range(2):
             e_k = xp.zeros(3)
@@ -420,9 +479,7 @@ def _adam(
             vh = v[g] / (1 - b2 ** (it + 1))
             setattr(state, g, getattr(state, g) - lrs[g] * mh / (xp.sqrt(vh) + eps))
         ctx.record(stage, it, e)
-    # one read-back per stage (none per step): a NaN anywhere reaches the last energy
-    if steps and not math.isfinite(float(ctx.history[-1][2].total)):
-        raise FittingError(f"fit: the energy became non-finite in the {stage} stage ({ctx.history[-1][2].to_dict()})")
+    # nothing is read back here: a non-finite energy is reported when the result is read
     return state
 
 
@@ -450,8 +507,10 @@ class _Context:
         self.focal_prior = focal_prior
         self.pp_prior = pp_prior
         self.xp = get_array_module(model.v_template)
-        self.history: list[tuple[str, int, EnergyTerms]] = []
+        self.history: list[tuple[str, int, Any]] = []
         self.n_renders = 0
+        self.checks = _Checks(self.xp)
+        self.host_faces: Any = model.faces if self.xp is np else None  # set by prepare() on the GPU
 
     def render(self, state: FitState, verts: Any = None) -> Frame:
         self.n_renders += 1
@@ -477,12 +536,69 @@ class _Context:
             forward=forward,
         )
 
-    def record(self, stage: str, it: int, e: EnergyTerms) -> None:
-        """Keep the step's energy (device scalars; read back when the result is built)."""
-        self.history.append((stage, it, EnergyTerms(e.uv, e.normal, e.regularizer, e.n_uv_active, e.n_normal_active)))
+    def record(self, stage: str, it: int, e: EnergyTerms, skip: Any = None) -> None:
+        """Keep the step's energy terms as one device vector (read when the result is built).
 
-    def history_dicts(self) -> list[dict[str, Any]]:
-        return [{"stage": st, "iteration": it, **e.to_dict()} for st, it, e in self.history]
+        Args:
+            skip: optional 0-d device bool; True drops the entry from the history (the
+                LM's passes after its stop, or re-linearisations of an unchanged state,
+                which the GPU runs because it does not read the device). Entries recorded
+                with ``skip`` are numbered consecutively per stage.
+        """
+        v = _terms_vector(self.xp, e)
+        flag = self.xp.zeros((1,), dtype=v.dtype) if skip is None else self.xp.asarray(skip, dtype=v.dtype).reshape(1)
+        self.history.append((stage, it if skip is None else -1, self.xp.concatenate([v, flag])))
+
+    def history_dicts(self, values: np.ndarray) -> list[dict[str, Any]]:
+        """Per-step dicts from ``values``, the host copy of :meth:`history_array`."""
+        out: list[dict[str, Any]] = []
+        count: dict[str, int] = {}
+        for (st, it, _), v in zip(self.history, values):
+            if v[-1]:
+                continue
+            if it < 0:
+                it = count[st] = count.get(st, 0) + 1
+            out.append({"stage": st, "iteration": it, **_terms_dict(v[:-1])})
+        return out
+
+    def history_array(self) -> Any:
+        """``(steps, 6)`` device array: :func:`_terms_vector` rows and the skip flag."""
+        if not self.history:
+            return self.xp.zeros((0, 6))
+        return self.xp.stack([v for _, _, v in self.history])
+
+
+_TERMS = ("uv", "normal", "regularizer", "n_uv_active", "n_normal_active")
+
+
+def _terms_vector(xp: Any, e: EnergyTerms) -> Any:
+    return xp.stack([xp.asarray(getattr(e, k), dtype=xp.float64) for k in _TERMS])
+
+
+def _terms_dict(v: np.ndarray) -> dict[str, float]:
+    """Host dict in :meth:`EnergyTerms.to_dict`'s layout from a :func:`_terms_vector` copy."""
+    uv, normal, reg, n_uv, n_n = (float(x) for x in v)
+    return {
+        "total": uv + normal + reg,
+        "uv": uv,
+        "normal": normal,
+        "regularizer": reg,
+        "n_uv_active": int(n_uv),
+        "n_normal_active": int(n_n),
+    }
+
+
+def _download(xp: Any, **arrays: Any) -> dict[str, np.ndarray]:
+    """Copy several device arrays to the host in one transfer (float64; shapes kept)."""
+    if xp is np:
+        return {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
+    flat = [xp.asarray(v, dtype=xp.float64).reshape(-1) for v in arrays.values()]
+    host = xp.concatenate(flat).get()
+    out, k0 = {}, 0
+    for (k, v), f in zip(arrays.items(), flat):
+        out[k] = host[k0 : k0 + f.shape[0]].reshape(v.shape)
+        k0 += f.shape[0]
+    return out
 
 
 # ================================================================================ fit
@@ -492,11 +608,14 @@ def prepare(
     """Validation, UV correspondences, normal targets and the initial state of a fit.
 
     Returns:
-        (per-image context shared by the solvers, initial state, timings).
+        (per-image context shared by the solvers, initial state, timings). On CuPy the
+        checks that need the data are pending in ``context.checks`` (see
+        :class:`_Checks`); call ``context.checks.raise_failed()`` before using a result.
     """
     timings: dict[str, float] = {}
     xp = device_of(device)
-    normals_d, uv_d, mask_d = _validate(observation, model, config, xp)
+    checks = _Checks(xp)
+    normals_d, uv_d, mask_d = _validate(observation, model, config, xp, checks)
     dmodel = _model_on(model, device)
     H, W = mask_d.shape
     S = max(H, W)
@@ -508,15 +627,24 @@ def prepare(
     ids = _uv_vertex_ids(model, config.uv_regions)
     query = asarray_on(xp, model.uv.vertex_uv[ids], np.float32)  # type: ignore[union-attr]
     pix, valid = uv_targets(query, uv_d, mask_d, config.delta_uv_sq)
-    n_valid = int(valid.sum())
-    if n_valid < config.min_targets:
-        raise FittingError(
-            f"fit: only {n_valid} FLAME vertices found a pixel with UV within sqrt(delta_uv_sq)="
-            f"{math.sqrt(config.delta_uv_sq):.4f} (need {config.min_targets}); the UV map does not match the "
-            f"model's UV layout or the mask is wrong"
-        )
-    ids_d = asarray_on(xp, ids)[valid]
-    uvt = UVTargets(vertex_ids=ids_d, pixels=pix[valid].astype(dmodel.v_template.dtype), n_targets=n_valid)
+    n_valid = valid.sum()
+    n_valid = int(n_valid) if xp is np else n_valid.astype(dmodel.v_template.dtype)
+    min_t, radius = config.min_targets, math.sqrt(config.delta_uv_sq)
+    checks.require(
+        n_valid,
+        lambda n: n >= min_t,
+        lambda n: FittingError(
+            f"fit: only {n} FLAME vertices found a pixel with UV within sqrt(delta_uv_sq)={radius:.4f} "
+            f"(need {min_t}); the UV map does not match the model's UV layout or the mask is wrong"
+        ),
+    )
+    # all queried vertices keep their row (fixed shapes on the device); `valid` masks them
+    uvt = UVTargets(
+        vertex_ids=asarray_on(xp, ids),
+        pixels=xp.where(valid[:, None], pix, 0.0).astype(dmodel.v_template.dtype),
+        n_targets=n_valid,
+        valid=valid,
+    )
     n_d, m_d, scale = _downsample_normals(normals_d, mask_d, min(config.render_size, S))
     ntg = NormalTargets(normals=n_d.astype(dmodel.v_template.dtype), mask=m_d, space=observation.normal_space, scale=scale)
     timings["correspondences"] = time.perf_counter() - t0
@@ -528,6 +656,8 @@ def prepare(
     state = _init_rigid(dmodel, uvt, f0, pp0, (H, W), config.weights)
     prior = None if observation.shape_prior is None else asarray_on(xp, observation.shape_prior, dmodel.v_template.dtype)
     ctx = _Context(dmodel, config, uvt, ntg, (H, W), prior, math.log(f0), asarray_on(xp, pp0, dmodel.v_template.dtype))
+    ctx.checks = checks
+    ctx.host_faces = model.faces
     timings["init"] = time.perf_counter() - t0
     return ctx, state, timings
 
@@ -558,10 +688,10 @@ def fit(
     t_start = time.perf_counter()
     ctx, state, timings = prepare(observation, model, config, device)
     H, W = ctx.size
-    n_valid = ctx.uv.n_targets
 
     # ---------------------------------------------------------------- solve
     t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
     if config.solver == "paper":
         cam_w = replace(config.weights, normal=0.0)
         state = _adam(ctx, state, config.paper_camera_steps, _ADAM_GROUPS_CAMERA, cam_w, "camera")
@@ -571,34 +701,64 @@ def fit(
     else:
         from .gauss_newton import levenberg_marquardt
 
-        state, iterations, stop_reason = levenberg_marquardt(ctx, state)
-        converged = stop_reason != "max_iterations"
+        state, lm_passes, lm_code = levenberg_marquardt(ctx, state)
+        extra["lm_passes"], extra["lm_code"] = lm_passes, lm_code
     timings["solve"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- result
+    # everything the result needs, read back in one transfer (the first read of the fit
+    # on CuPy): the deferred input checks, the energies, the state and the vertices
     frame = ctx.render(state)
     final = ctx.energy(state, frame, with_grad=False)
-    energies = final.to_dict()
+    verts_d = flame_forward(ctx.model, state.params())[0]
+    host = _download(
+        ctx.xp,
+        checks=ctx.checks.counts(),
+        final=_terms_vector(ctx.xp, final),
+        history=ctx.history_array(),
+        shape=state.shape,
+        expr=state.expr,
+        pose=state.pose,
+        t=state.t,
+        log_f=state.log_f,
+        pp=state.pp,
+        verts=verts_d,
+        n_targets=ctx.uv.n_targets,
+        **extra,
+    )
+    ctx.checks.raise_failed(host["checks"])
+    if config.solver == "fast":
+        from .gauss_newton import STOP_REASONS
+
+        iterations = int(host["lm_passes"])
+        stop_reason = STOP_REASONS[int(host["lm_code"])]
+        if stop_reason == "non_finite":
+            bad = next((h for h in ctx.history_dicts(host["history"]) if not math.isfinite(h["total"])), {})
+            raise FittingError(
+                f"fit: non-finite energy at LM iteration {bad.get('iteration', '?')} ({bad}); check the observation maps"
+            )
+        converged = stop_reason != "max_iterations"
+    energies = _terms_dict(host["final"])
+    history = ctx.history_dicts(host["history"])
     if not math.isfinite(energies["total"]):
-        raise FittingError(f"fit: the energy became non-finite ({energies}); check the observation maps")
-    history = ctx.history_dicts()
+        bad = next((h for h in history if not math.isfinite(h["total"])), None)
+        where = f" first in the {bad['stage']} stage at step {bad['iteration']}" if bad else ""
+        raise FittingError(f"fit: the energy became non-finite{where} ({energies}); check the observation maps")
     if config.solver == "paper":
         hist = [h["total"] for h in history if h["stage"] == "fit"]
         converged = bool(hist) and hist[-1] <= hist[0]
         stop_reason = "schedule" if converged else "energy_increased"
     params_h = FlameParams(
-        shape=to_numpy(state.shape).astype(np.float32),
-        expr=to_numpy(state.expr).astype(np.float32),
-        pose=to_numpy(state.pose).astype(np.float32),
+        shape=host["shape"].astype(np.float32),
+        expr=host["expr"].astype(np.float32),
+        pose=host["pose"].astype(np.float32),
         transl=np.zeros(3, np.float32),
     )
-    verts = to_numpy(flame_forward(ctx.model, state.params())[0]).astype(np.float32)
-    cam = state.camera(W, H)
     camera_h = Camera(
-        focal=np.float32(to_numpy(cam.focal)),
-        principal=to_numpy(cam.principal).astype(np.float32),
+        focal=np.float32(np.exp(host["log_f"])),
+        principal=host["pp"].astype(np.float32),
         R=FLAME_TO_OPENCV.astype(np.float32),
-        t=to_numpy(cam.t).astype(np.float32),
+        t=host["t"].astype(np.float32),
         width=W,
         height=H,
     )
@@ -607,14 +767,14 @@ def fit(
     return FitResult(
         params=params_h,
         camera=camera_h,
-        vertices=verts,
+        vertices=host["verts"].astype(np.float32),
         neutral_vertices=neutral,
         energies=energies,
         history=history,
         iterations=iterations,
         converged=converged,
         stop_reason=stop_reason,
-        n_targets=n_valid,
+        n_targets=int(host["n_targets"]),
         timings=timings,
     )
 

@@ -14,7 +14,16 @@ finite differences); this module only adds the Jacobians:
   incidence matrices (scipy on the CPU, cupyx on the GPU).
 
 A step is accepted when the energy (fragments held fixed) decreases; otherwise the
-damping grows. The fragments and visibility are re-rendered once per iteration.
+damping grows. The fragments and visibility are re-rendered after every accepted step.
+
+On the GPU nothing is read back: the system is built with fixed shapes (every UV target
+and every pixel of the strided normal grid, with zero weights where inactive, and the
+Jacobian of all vertex normals through a constant sparse incidence matrix), and the
+accept/reject decision, damping, best state and stopping rule are device arrays updated
+with ``where``. The host learns that the solver stopped through a
+:class:`~p3dmm.fitting.xp.LaggedFlag` (a non-blocking copy), so it may queue a few more
+iterations, which change nothing once the stop flag is set. On the CPU the same loop runs
+with the compact system (only active rows) and stops at once.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import numpy as np
 from .camera import FLAME_TO_OPENCV
 from .energy import EnergyTerms, FitState, Frame, NormalTargets, project, rendered_normals
 from .lbs import flame_forward, flame_jacobian, rodrigues, rodrigues_jvp
-from .xp import asarray_on, get_array_module
+from .xp import LaggedFlag, asarray_on, get_array_module
 
 if TYPE_CHECKING:  # pragma: no cover
     from .fitter import _Context
@@ -57,19 +66,27 @@ def _strided_normals(ctx: "_Context") -> NormalTargets:
     xp = ctx.xp
     m = xp.zeros_like(ctx.normals.mask)
     m[::k, ::k] = ctx.normals.mask[::k, ::k]
-    return NormalTargets(normals=ctx.normals.normals, mask=m, space=ctx.normals.space, scale=ctx.normals.scale)
+    Hr, Wr = m.shape
+    grid = (xp.arange(0, Hr, k)[:, None] * Wr + xp.arange(0, Wr, k)[None, :]).reshape(-1)
+    return NormalTargets(normals=ctx.normals.normals, mask=m, space=ctx.normals.space, scale=ctx.normals.scale, grid=grid)
 
 
 class _VertexJacobian:
-    """FLAME vertex Jacobian rows computed once per iteration for the vertices asked for."""
+    """FLAME vertex Jacobian rows, computed once per iteration.
 
-    def __init__(self, model: Any, cache: Any) -> None:
-        self.model, self.cache = model, cache
+    With ``everything`` (the fixed-shape GPU path) the rows of all vertices are computed
+    on first use; otherwise only those asked for (grown on demand).
+    """
+
+    def __init__(self, model: Any, cache: Any, everything: bool = False) -> None:
+        self.model, self.cache, self.everything = model, cache, everything
         self.xp = get_array_module(model.v_template)
         self.J: Any = None
         self.loc: Any = None
 
     def ensure(self, vids: Any) -> None:
+        if self.everything:
+            return
         xp = self.xp
         vids = xp.unique(vids)
         self.J = flame_jacobian(self.model, self.cache, vids)  # (M, 3, nf)
@@ -77,6 +94,11 @@ class _VertexJacobian:
         self.loc[vids] = xp.arange(vids.shape[0])
 
     def rows(self, ids: Any) -> Any:
+        """``(len(ids), 3, nf)`` rows of vertices ``ids`` (all vertices for None; everything mode)."""
+        if self.everything:
+            if self.J is None:
+                self.J = flame_jacobian(self.model, self.cache)  # (V, 3, nf)
+            return self.J if ids is None else self.J[ids]
         if self.loc is None or bool((self.loc[ids] < 0).any()):
             self.ensure(ids if self.loc is None else self.xp.concatenate([ids, self.xp.nonzero(self.loc >= 0)[0]]))
         return self.J[self.loc[ids]]
@@ -89,14 +111,19 @@ def normal_equations(
     normals: NormalTargets,
     energy: EnergyTerms,
     forward: tuple[Any, Any] | None = None,
-    eps_scale: float = 1.0,
+    eps_scale: Any = 1.0,
+    dense: bool | None = None,
 ) -> tuple[Any, Any]:
     """IRLS Gauss-Newton system ``(H, g)`` at ``state`` (g is the exact energy gradient).
 
     Args:
         forward: optional ``(vertices, cache)`` of :func:`flame_forward` at ``state``.
         eps_scale: multiplies the IRLS residual floors (> 1 gives flatter, more
-            quadratic models and longer steps).
+            quadratic models and longer steps); a number or a 0-d device array.
+        dense: build the system with fixed shapes (all UV targets, all pixels of
+            ``normals.grid``, all vertex normals) and zero weights for inactive rows,
+            instead of gathering the active rows. Default: on CuPy, where a gather would
+            need its size on the host. Both give the same system.
 
     Returns:
         ``H (n, n)`` and ``g (n,)`` over :meth:`FitState.to_vector`'s layout.
@@ -110,39 +137,51 @@ def normal_equations(
     n_s, n_e = model.n_shape, model.n_expr
     nf = n_s + n_e + 15
     n = nf + 6  # + t (3), log_f, pp (2)
+    if dense is None:
+        dense = xp is not np
     verts, cache = forward if forward is not None else flame_forward(model, state.params())
     R0 = asarray_on(xp, FLAME_TO_OPENCV, dt)
     H = xp.zeros((n, n), dtype=xp.float64)
-    jac = _VertexJacobian(model, cache)
+    jac = _VertexJacobian(model, cache, everything=dense)
 
     uv = ctx.uv
     Xc, proj = project(state, verts[uv.vertex_ids])
     r = (proj - uv.pixels) / S
     rho = xp.sqrt((r * r).sum(-1))
     active = frame.visible & (rho * S < w.uv_cap_px) & (Xc[:, 2] > 0)
-    idx = xp.nonzero(active)[0]
+    if uv.valid is not None:
+        active = active & uv.valid
+    idx = xp.arange(active.shape[0]) if dense else xp.nonzero(active)[0]
     ids = uv.vertex_ids[idx]
 
     # ------------------------------------------------------------ normal rows
     if w.normal > 0:
-        cover = (frame.face_id >= 0) & normals.mask
-        pix = xp.nonzero(cover.reshape(-1))[0]
-        if pix.size:
-            Rg = rodrigues(state.pose[:1])[0]
-            R_out = Rg.T if normals.space == "head" else R0
-            n_out, u, _, corners = rendered_normals(verts, model.faces, frame.face_id, frame.bary, pix, R_out)
+        Rg = rodrigues(state.pose[:1])[0]
+        R_out = Rg.T if normals.space == "head" else R0
+        if dense:
+            pix = normals.grid if normals.grid is not None else xp.arange(normals.mask.size)
+            cover = ((frame.face_id >= 0) & normals.mask).reshape(-1)[pix]
+            n_out, u, vsums, corners = rendered_normals(verts, model.faces, frame.face_id, frame.bary, pix, R_out)
             d = normals.normals.reshape(-1, 3)[pix] - n_out
-            keep = xp.abs(d).mean(-1) < w.normal_outlier
-            kp = xp.nonzero(keep)[0]
-            if kp.size:
-                Jn = _normal_jacobian(ctx, verts, jac, frame, pix[kp], corners[kp], u[kp], R_out, state, normals.space, ids)
-                wt = (w.normal / normals.n_pixels) / xp.maximum(xp.abs(d[kp]), _EPS_N * eps_scale)  # (P, 3)
-                # J^T W J as (sqrt(W) J)^T (sqrt(W) J): numpy then uses a symmetric rank-k update
-                Jw = Jn.reshape(-1, nf) * xp.sqrt(wt).reshape(-1)[:, None]
-                H[:nf, :nf] += (Jw.T @ Jw).astype(xp.float64)
+            keep = cover & (xp.abs(d).mean(-1) < w.normal_outlier)
+            Jn = _normal_jacobian_dense(ctx, verts, jac, frame, pix, corners, u, vsums, R_out, state, normals.space)
+            _add_normal_rows(H, Jn, d, keep[:, None], w.normal / normals.n_pixels, eps_scale, nf)
+        else:
+            cover = (frame.face_id >= 0) & normals.mask
+            pix = xp.nonzero(cover.reshape(-1))[0]
+            if pix.size:
+                n_out, u, _, corners = rendered_normals(verts, model.faces, frame.face_id, frame.bary, pix, R_out)
+                d = normals.normals.reshape(-1, 3)[pix] - n_out
+                keep = xp.abs(d).mean(-1) < w.normal_outlier
+                kp = xp.nonzero(keep)[0]
+                if kp.size:
+                    Jn = _normal_jacobian(
+                        ctx, verts, jac, frame, pix[kp], corners[kp], u[kp], R_out, state, normals.space, ids
+                    )
+                    _add_normal_rows(H, Jn, d[kp], 1.0, w.normal / normals.n_pixels, eps_scale, nf)
 
     # ---------------------------------------------------------------- UV rows
-    if idx.size:
+    if dense or idx.size:
         Xa = Xc[idx]
         f = xp.exp(state.log_f)
         Z = Xa[:, 2]
@@ -155,9 +194,12 @@ def normal_equations(
         J_flame = dp @ (R0 @ Jv)  # (A, 2, nf)
         J_t = dp  # (A, 2, 3)
         J_f = (f * Xa[:, :2] / Z[:, None] / S)[:, :, None]  # (A, 2, 1)
-        J_pp = xp.broadcast_to(xp.eye(2, dtype=dt) / S, (idx.size, 2, 2))
+        J_pp = xp.broadcast_to(xp.eye(2, dtype=dt) / S, (idx.shape[0], 2, 2))
         J = xp.concatenate([J_flame, J_t, J_f, J_pp], 2).reshape(-1, n)
         wt = (w.uv / uv.n_targets) / xp.maximum(rho[idx], _EPS_UV * eps_scale)
+        if dense:
+            wt = wt * active  # inactive rows (and Z <= 0, where J is not finite) weigh nothing
+            J = xp.where(xp.repeat(active, 2)[:, None], J, 0.0)
         Jw = J * xp.repeat(xp.sqrt(wt), 2)[:, None]
         H += (Jw.T @ Jw).astype(xp.float64)
 
@@ -174,6 +216,75 @@ def normal_equations(
     if energy.grad is None:
         raise ValueError("normal_equations: energy must be evaluated with_grad=True")
     return H, energy.grad.to_vector().astype(xp.float64)
+
+
+def _add_normal_rows(H: Any, Jn: Any, d: Any, keep: Any, scale: Any, eps_scale: Any, nf: int) -> None:
+    """``H[:nf, :nf] += Jn^T W Jn`` with IRLS weights ``W = keep * scale / max(|d|, eps)``.
+
+    Computed as ``(sqrt(W) Jn)^T (sqrt(W) Jn)``: NumPy then uses a symmetric rank-k update.
+    """
+    xp = get_array_module(Jn)
+    wt = keep * scale / xp.maximum(xp.abs(d), _EPS_N * eps_scale)  # (P, 3)
+    Jw = Jn.reshape(-1, nf) * xp.sqrt(wt).reshape(-1)[:, None]
+    H[:nf, :nf] += (Jw.T @ Jw).astype(xp.float64)
+
+
+def _normal_jacobian_dense(
+    ctx: "_Context",
+    verts: Any,
+    jac: "_VertexJacobian",
+    frame: Frame,
+    pix: Any,
+    corners: Any,
+    u: Any,
+    vsums: Any,
+    R_out: Any,
+    state: FitState,
+    space: str,
+) -> Any:
+    """Fixed-shape twin of :func:`_normal_jacobian`: the Jacobian of every vertex normal
+    (all faces, a constant sparse vertex-face incidence product), then one gather per
+    barycentric corner. Pixels on no face get finite rows (their weight is zero)."""
+    xp = ctx.xp
+    faces = ctx.model.faces
+    dt = verts.dtype
+    F = faces.shape[0]
+    Jall = jac.rows(None)  # (V, 3, nf)
+    nf = Jall.shape[2]
+    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
+    e1, e2 = v1 - v0, v2 - v0
+    from .lbs import _skew
+
+    K = xp.concatenate([_skew(e2 - e1), -_skew(e2), _skew(e1)], axis=2)  # (F, 3, 9)
+    dfn = K @ Jall[faces].reshape(F, 9, nf)  # (F, 3, nf)
+    dm = (_incidence(ctx) @ dfn.reshape(F, 3 * nf)).reshape(-1, 3, nf)  # (V, 3, nf)
+    mnorm = xp.maximum(xp.sqrt((vsums * vsums).sum(-1)), 1e-12)
+    nv = vsums / mnorm[:, None]
+    dnv = ((xp.eye(3, dtype=dt) - nv[:, :, None] * nv[:, None, :]) / mnorm[:, None, None]) @ dm  # (V, 3, nf)
+    b = frame.bary.reshape(-1, 3)[pix].astype(dt)
+    du = b[:, 0, None, None] * dnv[corners[:, 0]]
+    du = du + b[:, 1, None, None] * dnv[corners[:, 1]]
+    du = du + b[:, 2, None, None] * dnv[corners[:, 2]]
+    return _finish_normal_jacobian(ctx, du, u, R_out, state, space)
+
+
+def _finish_normal_jacobian(ctx: "_Context", du: Any, u: Any, R_out: Any, state: FitState, space: str) -> Any:
+    """From ``du = d u / d params`` (unnormalised interpolated normal) to ``d(-n_out)``."""
+    xp = ctx.xp
+    model = ctx.model
+    dt = du.dtype
+    unorm = xp.maximum(xp.sqrt((u * u).sum(-1)), 1e-12)
+    nw = u / unorm[:, None]
+    Pu = (xp.eye(3, dtype=dt) - nw[:, :, None] * nw[:, None, :]) / unorm[:, None, None]
+    dn = R_out @ (Pu @ du)  # (P, 3, nf)
+    if space == "head":
+        # n_out = Rg^T n: extra dependence on the global rotation, pose columns 0..2
+        n_s_e = model.n_shape + model.n_expr
+        eye = xp.eye(3, dtype=dt).reshape(3, 1, 3)
+        dRg = rodrigues_jvp(state.pose[:1], eye)[:, 0]  # (3, 3, 3)
+        extra = xp.einsum("aji,pj->pia", dRg, nw)  # d(Rg^T n)/d r_a
+        dn[:, :, n_s_e : n_s_e + 3] += extra
+    return -dn  # residual d = N - n_out
 
 
 def _normal_jacobian(
@@ -237,98 +348,126 @@ def _normal_jacobian(
         (b.reshape(-1), (xp.repeat(xp.arange(P), 3), uloc[corners.reshape(-1)])), shape=(P, used.shape[0])
     )
     du = (Bm @ dnv.reshape(dnv.shape[0], -1)).reshape(P, 3, nf)
-    unorm = xp.maximum(xp.sqrt((u * u).sum(-1)), 1e-12)
-    nw = u / unorm[:, None]
-    Pu = (xp.eye(3, dtype=dt) - nw[:, :, None] * nw[:, None, :]) / unorm[:, None, None]
-    dn = R_out @ (Pu @ du)  # (P, 3, nf)
-    if space == "head":
-        # n_out = Rg^T n: extra dependence on the global rotation, pose columns 0..2
-        n_s_e = model.n_shape + model.n_expr
-        eye = xp.eye(3, dtype=dt).reshape(3, 1, 3)
-        dRg = rodrigues_jvp(state.pose[:1], eye)[:, 0]  # (3, 3, 3)
-        extra = xp.einsum("aji,pj->pia", dRg, nw)  # d(Rg^T n)/d r_a
-        dn[:, :, n_s_e : n_s_e + 3] += extra
-    return -dn  # residual d = N - n_out
+    return _finish_normal_jacobian(ctx, du, u, R_out, state, space)
 
 
 _INCIDENCE: dict[int, tuple[Any, Any]] = {}
 
 
 def _incidence(ctx: "_Context") -> Any:
-    """Vertex-face incidence (V, F) CSR with ones, cached per faces array."""
+    """Vertex-face incidence (V, F) CSR with ones, cached per faces array.
+
+    Built with SciPy from the host faces and uploaded as a whole on the GPU (building a
+    cupyx matrix from COO or CSR arrays would read sizes back from the device).
+    """
     faces = ctx.model.faces
     key = id(faces)
     hit = _INCIDENCE.get(key)
     if hit is not None and hit[0] is faces:
         return hit[1]
-    xp = ctx.xp
-    sp = _sparse(xp)
-    F = faces.shape[0]
-    rows = faces.T.reshape(-1)
-    cols = xp.tile(xp.arange(F), 3)
-    data = xp.ones(3 * F, dtype=ctx.model.v_template.dtype)
-    inc = sp.csr_matrix((data, (rows, cols)), shape=(ctx.model.n_vertices, F))
+    import scipy.sparse
+
+    host_faces = np.asarray(ctx.host_faces)
+    F = host_faces.shape[0]
+    inc = scipy.sparse.csr_matrix(
+        (np.ones(3 * F, dtype=ctx.model.v_template.dtype), (host_faces.T.reshape(-1), np.tile(np.arange(F), 3))),
+        shape=(ctx.model.n_vertices, F),
+    )
+    inc.sum_duplicates()
+    if ctx.xp is not np:
+        inc = _sparse(ctx.xp).csr_matrix(inc)
+        inc.has_canonical_format = True  # true by construction; cupyx would check on the device
     _INCIDENCE.clear()
     _INCIDENCE[key] = (faces, inc)
     return inc
 
 
-def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, int, str]:
+#: ``levenberg_marquardt``'s stop reasons by device code (0: still running).
+STOP_REASONS = ("max_iterations", "tolerance", "no_decrease", "non_finite")
+
+
+def _select(cond: Any, a: FitState, b: FitState) -> FitState:
+    """``a`` where the 0-d bool ``cond`` holds, else ``b`` (no host read)."""
+    xp = get_array_module(a.shape)
+    return FitState(*(xp.where(cond, getattr(a, k), getattr(b, k)) for k in FitState.NAMES))
+
+
+def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, Any, Any]:
     """Minimise the energy from ``state``.
 
+    Each pass tries one damped step from the latest linearisation; an accepted step is
+    followed by a re-render and a new linearisation. The bookkeeping lives in 0-d device
+    arrays (see the module docstring).
+
     Returns:
-        (state, iterations, stop reason): ``"tolerance"`` (relative decrease below
-        ``gn_tolerance``, measured between re-renders), ``"no_decrease"`` (no damped
-        step lowers the energy: a local minimum of the model at this render) or
-        ``"max_iterations"``. The state returned is the best one seen after a re-render.
+        (state, iterations, stop code): the best state seen after a re-render; the
+        number of passes (tried steps) before the stop; an index into
+        :data:`STOP_REASONS`: ``"tolerance"`` (two re-renders in a row lowered the
+        energy by less than ``gn_tolerance`` relative to the best), ``"no_decrease"``
+        (eight damped steps in a row were rejected), ``"non_finite"`` (the energy at a
+        re-render is NaN/inf) or ``"max_iterations"`` (``gn_iterations`` passes). The
+        last two are 0-d arrays of the fitting device.
     """
     xp = ctx.xp
     cfg = ctx.config
     normals = _strided_normals(ctx)
-    mu = 1e-3
-    reason = "max_iterations"
-    best_state, best_total = state, math.inf
-    stale = 0
-    it = 0
-    for it in range(1, cfg.gn_iterations + 1):
-        fwd = flame_forward(ctx.model, state.params())
-        frame = ctx.render(state, fwd[0])
-        e = ctx.energy(state, frame, normals=normals, forward=fwd)
-        ctx.record("lm", it, e)
-        e_total = float(e.total)  # LM decides on host scalars: one read-back per trial
-        if not math.isfinite(e_total):
-            from .errors import FittingError
-
-            raise FittingError(f"fit: non-finite energy at LM iteration {it} ({e.to_dict()})")
-        # new face ids / visibility can raise the energy: stop when two re-renders in a
-        # row do not improve on the best state seen
-        if e_total > best_total * (1.0 - cfg.gn_tolerance):
-            stale += 1
-            if stale >= 2:
-                reason = "tolerance"
+    dense = xp is not np
+    stop = LaggedFlag(xp)
+    f64 = xp.float64
+    mu = xp.asarray(1e-3, dtype=f64)
+    best_total = xp.asarray(math.inf, dtype=f64)
+    best_state = state
+    stale = xp.zeros((), dtype=xp.int64)
+    rejects = xp.zeros((), dtype=xp.int64)
+    done = xp.zeros((), dtype=bool)
+    code = xp.zeros((), dtype=xp.int64)
+    passes = xp.zeros((), dtype=xp.int64)
+    n_fresh = xp.zeros((), dtype=xp.int64)
+    fresh = xp.ones((), dtype=bool)  # the state changed since the last linearisation
+    relinearise = True
+    frame: Any = None
+    e_total = H = g = dH = x0 = None
+    linearisations = 0
+    for _ in range(cfg.gn_iterations):
+        if relinearise:
+            linearisations += 1
+            fwd = flame_forward(ctx.model, state.params())
+            frame = ctx.render(state, fwd[0])
+            e = ctx.energy(state, frame, normals=normals, forward=fwd)
+            ctx.record("lm", linearisations, e, skip=done | ~fresh)
+            e_total = e.total.astype(f64)
+            # re-linearising an unchanged (rejected) state repeats the previous numbers:
+            # only a fresh state counts towards the stopping rule
+            finite = xp.isfinite(e_total)
+            stale = xp.where(fresh, xp.where(e_total <= best_total * (1.0 - cfg.gn_tolerance), 0, stale + 1), stale)
+            better = fresh & finite & (e_total < best_total)
+            best_state = _select(better, state, best_state)
+            best_total = xp.where(better, e_total, best_total)
+            new_code = xp.where(~finite, 3, xp.where(fresh & (stale >= 2), 1, 0))
+            code = xp.where(done, code, new_code)
+            done = done | (new_code > 0)
+            if stop.poll(done):
                 break
-        else:
-            stale = 0
-        if e_total < best_total:
-            best_state, best_total = state, e_total
-        floors = max(1.0, cfg.gn_irls_floor_start * cfg.gn_irls_floor_decay ** (it - 1))
-        H, g = normal_equations(ctx, state, frame, normals, e, forward=fwd, eps_scale=floors)
-        x0 = state.to_vector()
-        dH = xp.diag(H).copy()
-        rel = -1.0
-        for _ in range(8):
-            A = H + mu * xp.diag(dH + 1e-9 * dH.max())
-            step = -xp.linalg.solve(A, g)
-            cand = state.from_vector((x0 + step).astype(x0.dtype))
-            ec_total = float(ctx.energy(cand, frame, with_grad=False, normals=normals).total)
-            log.debug("LM it %d mu %.2e E %.6g -> %.6g", it, mu, e_total, ec_total)
-            if math.isfinite(ec_total) and ec_total < e_total:
-                rel = (e_total - ec_total) / max(e_total, 1e-12)
-                state = cand
-                mu = max(mu / 3.0, 1e-7)
-                break
-            mu *= 8.0
-        if rel < 0:
-            reason = "no_decrease"
+            n_fresh = n_fresh + fresh  # linearisations at new states: the IRLS floor schedule's clock
+            floors = xp.maximum(1.0, cfg.gn_irls_floor_start * cfg.gn_irls_floor_decay ** (n_fresh - 1).astype(f64))
+            floors = floors.astype(ctx.model.v_template.dtype)  # a float64 0-d array would promote the weights
+            H, g = normal_equations(ctx, state, frame, normals, e, forward=fwd, eps_scale=floors, dense=dense)
+            x0 = state.to_vector()
+            dH = xp.diag(H).copy()
+        passes = passes + ~done
+        A = H + mu * xp.diag(dH + 1e-9 * dH.max())
+        step = -xp.linalg.solve(A, g)
+        cand = state.from_vector((x0 + step).astype(x0.dtype))
+        ec_total = ctx.energy(cand, frame, with_grad=False, normals=normals).total.astype(f64)
+        accept = ~done & xp.isfinite(ec_total) & (ec_total < e_total)
+        state = _select(accept, cand, state)
+        mu = xp.where(accept, xp.maximum(mu / 3.0, 1e-7), xp.where(done, mu, mu * 8.0))
+        rejects = xp.where(accept | done, 0, rejects + 1)
+        code = xp.where(~done & (rejects >= 8), 2, code)
+        done = done | (rejects >= 8)
+        fresh = accept
+        # the CPU knows at once whether to re-linearise; the GPU always does (no read)
+        relinearise = dense or bool(accept)
+        if stop.poll(done):
             break
-    return best_state, it, reason
+    return best_state, passes, code

@@ -1,12 +1,15 @@
 """Mesh geometry on NumPy/CuPy with analytic VJPs: face and vertex normals, scatter-add.
 
-Scatter-adds use ``xp.bincount(index, weights)``, which exists in NumPy and CuPy and is
-far faster than ``add.at`` on NumPy.
+Scatter-adds use ``numpy.bincount(index, weights)`` on the CPU (far faster than
+``add.at``) and ``cupyx.scatter_add`` (atomics) on the GPU, where ``cupy.bincount``
+would synchronise twice (it reads ``x.min()`` and ``x.max()`` to size its output).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from .xp import get_array_module
 
@@ -26,6 +29,12 @@ def scatter_add_rows(index: Any, values: Any, n_rows: int) -> Any:
     """``out[index[k]] += values[k]`` for ``values (K, C)``; returns ``(n_rows, C)``."""
     xp = get_array_module(values)
     C = values.shape[1]
+    if xp is not np:
+        import cupyx
+
+        out = xp.zeros((n_rows, C), dtype=values.dtype)
+        cupyx.scatter_add(out, index, values)
+        return out
     # one bincount over (row, column) cells: cell = index * C + c
     cells = (index[:, None] * C + xp.arange(C)).reshape(-1)
     out = xp.bincount(cells, weights=values.reshape(-1), minlength=n_rows * C)

@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import BackendUnavailableError
 
-__all__ = ["get_array_module", "cupy_or_raise", "to_numpy", "device_of", "asarray_on"]
+__all__ = ["get_array_module", "cupy_or_raise", "to_numpy", "device_of", "asarray_on", "LaggedFlag"]
 
 
 def get_array_module(*arrays: Any) -> ModuleType:
@@ -75,3 +75,39 @@ def asarray_on(xp: ModuleType, x: Any, dtype: Any = None) -> Any:
     if xp is np:
         return np.asarray(to_numpy(x), dtype=dtype)
     return xp.asarray(x, dtype=dtype)
+
+
+class LaggedFlag:
+    """Poll a sticky device boolean (e.g. "converged") without making the host wait.
+
+    On NumPy :meth:`poll` simply reads the flag. On CuPy it starts a non-blocking copy of
+    the flag into pinned host memory, records an event after it, and on later calls reads
+    the copy only once the event reports completion (``Event.done`` does not block); so
+    the answer lags the device by a few calls. The flag must be sticky -- once True it
+    stays True and the work queued after it changes nothing -- so acting late is safe.
+    """
+
+    def __init__(self, xp: ModuleType) -> None:
+        self.xp = xp
+        self._host: Any = None
+        self._event: Any = None
+        self.copies = 0  # device-to-host copies started (CuPy)
+
+    def poll(self, flag: Any) -> bool:
+        """True once ``flag`` (a 0-d bool array) is known to be True on the host."""
+        if self.xp is np:
+            return bool(flag)
+        if self._event is not None:
+            if not self._event.done:
+                return False
+            if bool(self._host[0]):
+                return True
+        if self._host is None:
+            import cupyx
+
+            self._host = cupyx.empty_pinned((1,), dtype=np.bool_)
+        flag.reshape(1).get(out=self._host, blocking=False)
+        self._event = self.xp.cuda.Event(disable_timing=True)
+        self._event.record()
+        self.copies += 1
+        return False

@@ -78,6 +78,8 @@ def torch_energy(model, shape, expr, pose, t, log_f, pp, uv, normals, frame, wei
     r = (proj - T(uv.pixels)) / S
     rho = torch.sqrt((r * r).sum(-1))
     active = T(frame.visible) & (rho.detach() * S < weights.uv_cap_px) & (Xc[:, 2].detach() > 0)
+    if uv.valid is not None:
+        active = active & T(uv.valid)
     e = weights.uv * (rho * active).sum() / uv.n_targets
     # normal term
     if normals is not None and weights.normal > 0:

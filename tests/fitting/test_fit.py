@@ -194,3 +194,38 @@ def test_gpu_fit_matches_cpu(head, solver):
     g_posed, g_neutral = _errors(head, p, gpu)
     c_posed, c_neutral = _errors(head, p, cpu)
     assert g_posed < c_posed + 0.2 and g_neutral < c_neutral + 0.2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver", ["fast", "paper"])
+def test_gpu_fit_reads_nothing_back_until_the_result(head, solver, monkeypatch):
+    """``cupyx.allow_synchronize(False)`` over the whole fit except the final transfer.
+
+    The model and the maps are put on the device first (uploads are not the point). The
+    CPU-side equivalent, with every hidden CuPy synchronisation listed, is
+    ``test_device_emulation.py``.
+    """
+    import warnings
+
+    import cupy as cp
+    import cupyx
+
+    from p3dmm.fitting import fitter
+
+    p = _params(head, 12, 0.8, 0.15, 20.0)
+    obs = _observe(head, p)
+    obs_d = Observation(normals=cp.asarray(obs.normals), uv=cp.asarray(obs.uv), mask=cp.asarray(obs.mask))
+    cfg = FitConfig(solver=solver, paper_camera_steps=20, paper_steps=20)
+    fit(obs_d, head, cfg, device="cuda")  # warm-up: kernels compiled, model cached on the device
+    download = fitter._download
+
+    def allowed(*args, **kwargs):
+        with cupyx.allow_synchronize(True):
+            return download(*args, **kwargs)
+
+    monkeypatch.setattr(fitter, "_download", allowed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with cupyx.allow_synchronize(False):
+            r = fit(obs_d, head, cfg, device="cuda")
+    assert np.isfinite(r.vertices).all()

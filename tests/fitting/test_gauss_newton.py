@@ -54,3 +54,37 @@ def test_gauss_newton_hessian_is_symmetric_psd_and_gradient_consistent():
     step = -np.linalg.solve(H + 1e-6 * np.eye(len(g)), g)
     cand = state.from_vector(state.to_vector() + 0.1 * step)
     assert ctx.energy(cand, frame, with_grad=False).total < e.total
+
+
+@pytest.mark.parametrize("space", ["camera", "head"])
+def test_fixed_shape_system_equals_gathered_system(space):
+    """The GPU's fixed-shape system (all rows, zero weights) is the CPU's gathered one."""
+    from dataclasses import replace
+
+    from p3dmm.fitting.energy import EnergyWeights, NormalTargets, UVTargets
+
+    model, state, uv, normals, frame, _, size = _setup(space, seed=6)
+    rng = np.random.default_rng(6)
+    valid = rng.random(uv.vertex_ids.shape[0]) < 0.8
+    uv = UVTargets(uv.vertex_ids, uv.pixels, n_targets=int(valid.sum()), valid=valid)
+    # a strided grid as the LM uses, and the default outlier cut (some pixels drop out)
+    k = 2
+    mask = np.zeros_like(normals.mask)
+    mask[::k, ::k] = normals.mask[::k, ::k]
+    grid = (np.arange(0, 16, k)[:, None] * 16 + np.arange(0, 16, k)[None, :]).reshape(-1)
+    normals = NormalTargets(normals.normals, mask, space, normals.scale, grid=grid)
+    w = replace(EnergyWeights(), normal_outlier=0.9)
+    ctx = _Context(model, FitConfig(weights=w), uv, normals, size, None, 0.0, np.array([32.0, 32.0]))
+    e = ctx.energy(state, frame, normals=normals)
+    assert 0 < int(e.n_normal_active) < int(mask.sum())  # the outlier cut is exercised
+    H0, g0 = normal_equations(ctx, state, frame, normals, e, eps_scale=1.7, dense=False)
+    H1, g1 = normal_equations(ctx, state, frame, normals, e, eps_scale=1.7, dense=True)
+    np.testing.assert_allclose(g1, g0, rtol=0, atol=0)
+    np.testing.assert_allclose(H1, H0, rtol=1e-10, atol=1e-10 * np.abs(H0).max())
+    # dense energy evaluation over the grid only equals the gathered one
+    e_dense = ctx.energy(state, frame, normals=normals, with_grad=False)
+    from p3dmm.fitting.energy import evaluate_energy
+
+    e_d = evaluate_energy(model, state, uv, normals, frame, w, size, focal_prior=0.0, pp_prior=np.array([32.0, 32.0]),
+                          with_grad=False, dense_pixels=True)  # fmt: skip
+    np.testing.assert_allclose(float(e_d.total), float(e_dense.total), rtol=1e-12)

@@ -6,7 +6,7 @@ There is no GPU in CI, so this is the substitute check for the ``method="cuda"``
 
 * The exact text CuPy would compile, ``kernel_source("uv_nn", {"UVNN_GRID_SIZE": G})``
   (define preamble + file), is compiled as host C++ (``g++ -std=c++17 -ffp-contract=off``)
-  behind a small shim for the CUDA built-ins and intrinsics.
+  behind a small shim for the CUDA built-ins and intrinsics (:mod:`tests.host_cuda`).
 * The Python launch code itself -- :func:`_cuda_search` / :func:`_cuda_build_grid`,
   unchanged -- runs with ``cupy`` replaced by NumPy and ``load_module`` replaced by a
   loader that returns this host build. So the cupy-side steps between the kernels
@@ -24,8 +24,6 @@ The grid and the results must be bit-identical to the numba twin
 from __future__ import annotations
 
 import contextlib
-import shutil
-import subprocess
 import sys
 import types
 from collections.abc import Iterator
@@ -45,183 +43,15 @@ from p3dmm.fitting.uv_nn import (
     uv_nearest_pixels_bruteforce,
 )
 
+from ..host_cuda import HostCuda, host_compiler
 from .test_uv_nn import assert_same, queries_for, random_map, rendered_like_map
 
 HOST_GRID_SIZES = (1, 8, 64)
 
 # C dtypes of each kernel's parameters, in order ("i32" = an int passed by value).
-_SIGNATURES: dict[str, tuple[str, ...]] = {
-    "uvnn_bin_pixels": ("float32", "uint8", "i32", "int32", "int64"),
-    "uvnn_search": ("float32", "i32", "float32", "int32", "int32", "int32", "float32"),
-}
-
-_HOST_SHIM = r"""
-#include <algorithm>
-#include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <numeric>
-#include <random>
-#include <string>
-#include <vector>
-struct U3 { unsigned x; };
-static U3 blockIdx, blockDim, threadIdx;
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __restrict__
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline int atomicAdd(int* a, int v) { int old = *a; *a = old + v; return old; }
-#include "kernel.cu"
-
-// Argument buffers, each followed by a guard band that must stay untouched.
-static const size_t GUARD = 64;
-struct Buf { std::string path; std::vector<unsigned char> bytes; size_t n; };
-static std::vector<Buf> bufs;
-static std::vector<long long> ints;
-template <class T> T* A(int k) { return reinterpret_cast<T*>(bufs[k].bytes.data()); }
-static int I(int k) { return (int)ints[k]; }
-
-int main(int argc, char** argv) {
-  // argv: kernel grid block seed then one token per kernel argument: a:<file> or i:<int>
-  const std::string name = argv[1];
-  const long long grid = std::atoll(argv[2]), block = std::atoll(argv[3]);
-  const unsigned seed = (unsigned)std::atoll(argv[4]);
-  for (int k = 5; k < argc; ++k) {
-    std::string tok = argv[k];
-    Buf b; b.n = 0; long long iv = 0;
-    if (tok.rfind("a:", 0) == 0) {
-      b.path = tok.substr(2);
-      FILE* f = std::fopen(b.path.c_str(), "rb"); if (!f) return 2;
-      std::fseek(f, 0, SEEK_END); b.n = (size_t)std::ftell(f); std::fseek(f, 0, SEEK_SET);
-      b.bytes.assign(b.n + GUARD, 0xA5);
-      if (b.n && std::fread(b.bytes.data(), 1, b.n, f) != b.n) return 2;
-      std::fclose(f);
-    } else if (tok.rfind("i:", 0) == 0) {
-      iv = std::atoll(tok.c_str() + 2);
-    } else {
-      return 2;
-    }
-    bufs.push_back(std::move(b)); ints.push_back(iv);
-  }
-  std::vector<long long> order(grid * block);  // every thread of the launch, any schedule
-  std::iota(order.begin(), order.end(), 0LL);
-  std::mt19937 rng(seed);
-  std::shuffle(order.begin(), order.end(), rng);
-  blockDim.x = (unsigned)block;
-  for (long long t : order) {
-    blockIdx.x = (unsigned)(t / block); threadIdx.x = (unsigned)(t % block);
-    if (name == "uvnn_bin_pixels")
-      uvnn_bin_pixels(A<const float>(0), A<const unsigned char>(1), I(2), A<int>(3), A<long long>(4));
-    else if (name == "uvnn_search")
-      uvnn_search(A<const float>(0), I(1), A<const float>(2), A<const int>(3), A<const int>(4), A<int>(5), A<float>(6));
-    else
-      return 4;
-  }
-  for (Buf& b : bufs) {
-    if (b.path.empty()) continue;
-    for (size_t j = b.n; j < b.n + GUARD; ++j) if (b.bytes[j] != 0xA5) return 3;  // out-of-bounds write
-    FILE* f = std::fopen(b.path.c_str(), "wb"); std::fwrite(b.bytes.data(), 1, b.n, f); std::fclose(f);
-  }
-  return 0;
-}
-"""
-
-
-class _HostKernel:
-    """``RawModule.get_function(name)`` stand-in: ``kernel(grid, block, args)`` runs the host build."""
-
-    def __init__(self, exe: Path, name: str, launches: list[str]) -> None:
-        self.exe, self.name, self.launches = exe, name, launches
-
-    def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
-        sig = _SIGNATURES[self.name]
-        assert len(grid) == 1 and len(block) == 1, "1-D launches only"
-        assert len(args) == len(sig), f"{self.name}: {len(args)} arguments, the kernel takes {len(sig)}"
-        work = self.exe.parent / f"launch{len(self.launches)}"
-        work.mkdir()
-        tokens = []
-        for k, (a, want) in enumerate(zip(args, sig)):
-            if want == "i32":
-                assert isinstance(a, np.int32), f"{self.name} arg {k}: {type(a).__name__}, expected np.int32"
-                tokens.append(f"i:{int(a)}")
-            else:
-                assert isinstance(a, np.ndarray), f"{self.name} arg {k}: {type(a).__name__}, expected an array"
-                assert a.dtype == np.dtype(want), f"{self.name} arg {k}: dtype {a.dtype}, kernel expects {want}"
-                assert a.flags.c_contiguous, f"{self.name} arg {k}: not C-contiguous"
-                a.tofile(work / f"arg{k}.bin")
-                tokens.append(f"a:{work / f'arg{k}.bin'}")
-        seed = 1000 + len(self.launches)  # a different thread order for every launch
-        cmd = [
-            str(self.exe),
-            self.name,
-            str(grid[0]),
-            str(block[0]),
-            str(seed),
-            *tokens,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-        assert proc.returncode != 3, f"{self.name}: a buffer was written past its end"
-        assert proc.returncode == 0, f"{self.name}: host run failed ({proc.returncode}): {proc.stderr}"
-        for k, a in enumerate(args):
-            if isinstance(a, np.ndarray):
-                a[...] = np.fromfile(work / f"arg{k}.bin", a.dtype).reshape(a.shape)
-        self.launches.append(self.name)
-
-
-class _HostModule:
-    def __init__(self, exe: Path, launches: list[str]) -> None:
-        self.exe, self.launches = exe, launches
-
-    def get_function(self, name: str) -> _HostKernel:
-        assert name in _SIGNATURES, f"unknown kernel {name}"
-        return _HostKernel(self.exe, name, self.launches)
-
-
-class HostCuda:
-    """Compiles ``kernel_source(name, defines)`` as host C++ (memoised per source text)."""
-
-    def __init__(self, root: Path, cxx: str) -> None:
-        self.root, self.cxx = root, cxx
-        self.exes: dict[str, Path] = {}
-        self.launches: list[str] = []
-
-    def build(self, source: str) -> Path:
-        exe = self.exes.get(source)
-        if exe is None:
-            d = self.root / f"build{len(self.exes)}"
-            d.mkdir()
-            (d / "kernel.cu").write_text(source)
-            (d / "main.cpp").write_text(_HOST_SHIM)
-            cmd = [
-                self.cxx,
-                "-std=c++17",
-                "-ffp-contract=off",
-                "-O1",
-                "-o",
-                str(d / "emu"),
-                str(d / "main.cpp"),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-            assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr}"
-            exe = self.exes[source] = d / "emu"
-        return exe
-
-    def load_module(self, name: str, defines: Any = None, options: Any = None) -> _HostModule:
-        assert options is None, "the uv_nn path compiles with the default NVRTC options"
-        # what load_module hands to NVRTC; looked up at call time so it can be patched
-        source = _cuda.kernel_source(name, defines)
-        return _HostModule(self.build(source), self.launches)
-
-
 @pytest.fixture
 def host_cuda(tmp_path: Path) -> HostCuda:
-    cxx = shutil.which("g++") or shutil.which("clang++")
+    cxx = host_compiler()
     if cxx is None:
         pytest.skip("no host C++ compiler (g++/clang++) to run kernels/uv_nn.cu on the CPU")
     return HostCuda(tmp_path, cxx)
@@ -349,4 +179,5 @@ def test_cuda_source_matches_cpu_on_the_host(host_cuda: HostCuda, grid_size: int
     # launch from _cuda_search -- all of them through the host build
     assert host_cuda.launches.count("uvnn_bin_pixels") == 2 * len(_cases())
     assert host_cuda.launches.count("uvnn_search") == len(_cases())
-    assert len(host_cuda.exes) == 1, "one compile per grid size (the define preamble)"
+    assert len(host_cuda.libs) == 1, "one compile per grid size (the define preamble)"
+    assert all(opts is None for _, _, opts in host_cuda.loads), "uv_nn compiles with the default NVRTC options"
