@@ -32,7 +32,7 @@ from .camera import FLAME_TO_OPENCV, Camera
 from .flame_model import FlameModel, FlameParams
 from .geometry import normalize_vjp, scatter_add_rows, vertex_normal_sums, vertex_normals_vjp
 from .lbs import flame_forward, flame_vjp, rodrigues, rodrigues_vjp
-from .xp import asarray_on, get_array_module
+from .xp import constant, get_array_module
 
 __all__ = ["EnergyWeights", "FitState", "UVTargets", "NormalTargets", "EnergyTerms", "Frame", "evaluate_energy"]
 
@@ -90,7 +90,7 @@ class FitState:
         return Camera(
             focal=xp.exp(self.log_f),
             principal=self.pp,
-            R=asarray_on(xp, FLAME_TO_OPENCV, self.shape.dtype),
+            R=constant(xp, FLAME_TO_OPENCV, self.shape.dtype),
             t=self.t,
             width=width,
             height=height,
@@ -209,7 +209,7 @@ class EnergyTerms:
 def project(state: FitState, verts: Any) -> tuple[Any, Any]:
     """World vertices -> (camera-frame points ``(N, 3)``, pixels ``(N, 2)``)."""
     xp = get_array_module(verts)
-    R0 = asarray_on(xp, FLAME_TO_OPENCV, verts.dtype)
+    R0 = constant(xp, FLAME_TO_OPENCV, verts.dtype)
     Xc = verts @ R0.T + state.t
     f = xp.exp(state.log_f)
     return Xc, f * Xc[:, :2] / Xc[:, 2:3] + state.pp
@@ -282,7 +282,7 @@ def evaluate_energy(
     S = float(max(H, W))
     dt = model.v_template.dtype
     verts, cache = forward if forward is not None else flame_forward(model, state.params())
-    R0 = asarray_on(xp, FLAME_TO_OPENCV, dt)
+    R0 = constant(xp, FLAME_TO_OPENCV, dt)
     g_verts = xp.zeros_like(verts)
     g_t = xp.zeros(3, dtype=dt)
     g_logf = xp.zeros((), dtype=dt)
@@ -372,7 +372,7 @@ def evaluate_energy(
 
     pg = flame_vjp(model, cache, g_verts)
     g_pose = pg.pose + g_pose_extra
-    pose_w = xp.asarray([0.0, weights.neck, weights.jaw, weights.eyes, weights.eyes], dtype=dt)
+    pose_w = constant(xp, [0.0, weights.neck, weights.jaw, weights.eyes, weights.eyes], dt)
     g_pose = g_pose + 2.0 * pose_w[:, None] * state.pose
     terms.grad = FitState(
         shape=pg.shape + 2.0 * weights.identity * ds,

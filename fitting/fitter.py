@@ -34,7 +34,7 @@ from .energy import EnergyTerms, EnergyWeights, FitState, Frame, NormalTargets, 
 from .errors import FittingError, InputError
 from .flame_model import FlameModel, FlameParams
 from .lbs import flame_forward, rodrigues, rotation_to_axis_angle, shaped_vertices
-from .xp import asarray_on, device_of, get_array_module
+from .xp import asarray_on, constant, device_of, get_array_module
 
 __all__ = ["Observation", "FitConfig", "FitResult", "fit"]
 
@@ -362,7 +362,7 @@ def _init_rigid(
     U, _, Vt = xp.linalg.svd(B)
     D = xp.diag(xp.stack([xp.ones(()), xp.ones(()), xp.linalg.det(U @ Vt)]))
     Rc = U @ D @ Vt  # camera-from-FLAME rotation R0 Rg
-    Rg = asarray_on(xp, FLAME_TO_OPENCV).T @ Rc
+    Rg = constant(xp, FLAME_TO_OPENCV, xp.float64).T @ Rc
     tz = f0 / s - ((X @ Rc.T)[:, 2] * valid).sum() / xp.maximum(valid.sum(), 1.0)
     txy = (b - pp) / s
     t = xp.stack([txy[0], txy[1], tz])
@@ -391,7 +391,7 @@ def _refine_rigid(
     number of iterations (no convergence test, which would read the device).
     """
     xp = get_array_module(X)
-    R0 = asarray_on(xp, FLAME_TO_OPENCV)
+    R0 = constant(xp, FLAME_TO_OPENCV, xp.float64)
     S = float(max(size))
     n = xp.maximum(xp.asarray(n_targets, dtype=xp.float64), 1.0)
     lf = xp.asarray(lf0, dtype=xp.float64)
@@ -408,7 +408,7 @@ def _refine_rigid(
         for k in range(2):
             e_k = xp.zeros(3)
             e_k[k] = 1.0
-            dp = (f / Z)[:, None] * e_k - (f * Xc[:, k] / Z**2)[:, None] * xp.asarray([0.0, 0.0, 1.0])
+            dp = (f / Z)[:, None] * e_k - (f * Xc[:, k] / Z**2)[:, None] * constant(xp, [0.0, 0.0, 1.0], xp.float64)
             dp = dp / S
             # d/d(omega) of dp . (omega x Y) = Y x dp ; d/dt = dp ; d/dlogf = f X_k / Z / S
             rows.append(xp.concatenate([xp.cross(Y, dp), dp, (f * Xc[:, k] / Z / S)[:, None]], 1))

@@ -37,7 +37,7 @@ import numpy as np
 from .camera import FLAME_TO_OPENCV
 from .energy import EnergyTerms, FitState, Frame, NormalTargets, project, rendered_normals
 from .lbs import flame_forward, flame_jacobian, rodrigues, rodrigues_jvp
-from .xp import LaggedFlag, asarray_on, get_array_module
+from .xp import LaggedFlag, constant, get_array_module
 
 if TYPE_CHECKING:  # pragma: no cover
     from .fitter import _Context
@@ -140,7 +140,7 @@ def normal_equations(
     if dense is None:
         dense = xp is not np
     verts, cache = forward if forward is not None else flame_forward(model, state.params())
-    R0 = asarray_on(xp, FLAME_TO_OPENCV, dt)
+    R0 = constant(xp, FLAME_TO_OPENCV, dt)
     H = xp.zeros((n, n), dtype=xp.float64)
     jac = _VertexJacobian(model, cache, everything=dense)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import BackendUnavailableError
 
-__all__ = ["get_array_module", "cupy_or_raise", "to_numpy", "device_of", "asarray_on", "LaggedFlag"]
+__all__ = ["get_array_module", "cupy_or_raise", "to_numpy", "device_of", "asarray_on", "constant", "LaggedFlag"]
 
 
 def get_array_module(*arrays: Any) -> ModuleType:
@@ -75,6 +75,27 @@ def asarray_on(xp: ModuleType, x: Any, dtype: Any = None) -> Any:
     if xp is np:
         return np.asarray(to_numpy(x), dtype=dtype)
     return xp.asarray(x, dtype=dtype)
+
+
+_CONSTANTS: dict[tuple[Any, ...], Any] = {}
+
+
+def constant(xp: ModuleType, value: Any, dtype: Any) -> Any:
+    """``value`` (host numbers) as a read-only-by-convention array on ``xp``'s device, cached.
+
+    Small host constants used in every step (a fixed rotation, per-joint weights) would
+    otherwise be copied to the GPU on every call. Callers must not modify the result.
+    """
+    arr = np.asarray(value, dtype=dtype)
+    if xp is np:
+        return arr
+    key = (xp.__name__, xp.cuda.Device().id, arr.dtype.str, arr.shape, arr.tobytes())
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        if len(_CONSTANTS) > 256:  # a bounded cache: constants are few and small
+            _CONSTANTS.clear()
+        hit = _CONSTANTS[key] = xp.asarray(arr)
+    return hit
 
 
 class LaggedFlag:

@@ -66,7 +66,7 @@ class Recorder:
     async_copies: int = 0  # get(blocking=False) into pinned memory (the host does not wait)
     event_polls: int = 0
     uploads: int = 0
-    ops: int = 0  # device operations (a rough count of kernel launches)
+    ops: int = 0  # device operations that launch work (views and transfers excluded)
 
     def sync(self, kind: str) -> None:
         self.syncs.append(SyncEvent(kind, _caller()))
@@ -105,7 +105,6 @@ def _unwrap(x: Any, what: str, allow_host: bool = False) -> Any:
         return x._a
     if isinstance(x, np.ndarray):
         if allow_host:
-            _rec().uploads += 1
             return x
         raise TypeError(f"{what}: a NumPy array of shape {x.shape} was passed to a device operation (CuPy raises here)")
     if isinstance(x, list):
@@ -165,8 +164,6 @@ class DArray:
 
     def __init__(self, a: np.ndarray) -> None:
         self._a = a
-        if _REC is not None:
-            _REC.ops += 1
 
     # -------------------------------------------------------------- host transfers
     def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
@@ -235,6 +232,8 @@ class DArray:
 
         def method(*args: Any, **kwargs: Any) -> Any:
             what = f"ndarray.{name}"
+            if name not in _VIEW_METHODS:
+                _rec().ops += 1
             return _wrap(attr(*_unwrap(args, what), **{k: _unwrap(v, what) for k, v in kwargs.items()}))
 
         return method
@@ -250,20 +249,24 @@ class DArray:
         return f"DArray({self._a!r})"
 
     def __getitem__(self, key: Any) -> Any:
+        if _is_advanced_index(key):
+            _rec().ops += 1  # a gather; basic slicing is a view
         return _wrap(self._a[_index(key)])
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self._a[_index(key)] = _unwrap(value, "ndarray.__setitem__")
-        _rec().ops += 1
+        _rec().ops += 1  # a fill or scatter kernel
 
 
 def _binary(name: str) -> Any:
     op = getattr(operator, name + "_" if name in ("and", "or") else name)
 
     def fwd(self: DArray, other: Any) -> Any:
+        _rec().ops += 1
         return _wrap(op(self._a, _unwrap(other, f"DArray {name}")))
 
     def rev(self: DArray, other: Any) -> Any:
+        _rec().ops += 1
         return _wrap(op(_unwrap(other, f"DArray {name}"), self._a))
 
     def inplace(self: DArray, other: Any) -> DArray:
@@ -281,8 +284,18 @@ for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul"
     setattr(DArray, f"__i{_name}__", _i)
 for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
     setattr(DArray, f"__{_name}__", _binary(_name)[0])
+
+
+def _unary(op: Any) -> Any:
+    def f(self: DArray) -> Any:
+        _rec().ops += 1
+        return _wrap(op(self._a))
+
+    return f
+
+
 for _name in ("neg", "pos", "abs", "invert"):
-    setattr(DArray, f"__{_name}__", (lambda op: lambda self: _wrap(op(self._a)))(getattr(operator, _name)))
+    setattr(DArray, f"__{_name}__", _unary(getattr(operator, _name)))
 
 
 # ------------------------------------------------------------------ the modules
@@ -290,6 +303,14 @@ for _name in ("neg", "pos", "abs", "invert"):
 # or explicit checks in the CuPy sources)
 _SYNC_FUNCS = {"nonzero", "flatnonzero", "argwhere", "unique", "bincount", "compress", "extract"}
 _UPLOAD_FUNCS = {"asarray", "array", "asanyarray"}
+# no kernel: views, and asarray of a device array of the same dtype
+_VIEW_FUNCS = {"reshape", "ravel", "broadcast_to", "transpose", "expand_dims", "squeeze", "swapaxes", "atleast_1d"}
+_VIEW_METHODS = {"reshape", "view", "ravel", "transpose", "squeeze", "swapaxes"}
+
+
+def _is_advanced_index(key: Any) -> bool:
+    parts = key if isinstance(key, tuple) else (key,)
+    return any(isinstance(k, DArray | np.ndarray | list) for k in parts)
 
 
 def _function(fn: Any, name: str) -> Any:
@@ -297,6 +318,10 @@ def _function(fn: Any, name: str) -> Any:
         if name in _SYNC_FUNCS or (name == "where" and len(args) + len(kwargs) == 1):
             _rec().sync(name)
         host = name in _UPLOAD_FUNCS
+        if host and args and not isinstance(args[0], DArray):
+            _rec().uploads += 1  # a host value (array, list or number) copied to the device
+        elif name not in _VIEW_FUNCS and not (host and args and kwargs.get("dtype", args[0].dtype) == args[0].dtype):
+            _rec().ops += 1
         what = f"cupy.{name}"
         return _wrap(fn(*_unwrap(args, what, host), **{k: _unwrap(v, what, host) for k, v in kwargs.items()}))
 
@@ -489,7 +514,8 @@ def emulated_cuda(build_dir: Path) -> Iterator[Recorder]:
 
 
 def _clear_caches() -> None:
-    from p3dmm.fitting import fitter, gauss_newton
+    from p3dmm.fitting import fitter, gauss_newton, xp
 
     fitter._MODEL_CACHE.clear()
     gauss_newton._INCIDENCE.clear()
+    xp._CONSTANTS.clear()

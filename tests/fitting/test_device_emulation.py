@@ -181,6 +181,7 @@ def _wrong_uvs(obs: Observation) -> Observation:
         (_wrong_uvs, FittingError, "only 0 FLAME vertices found a pixel"),
     ],
 )
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy warns where a GPU computes NaN silently
 def test_bad_input_on_emulated_device_raises_the_cpu_error(tmp_path: Path, head: FlameModel, make, error, match) -> None:
     """On the device the data checks are read with the result; the error is the CPU's."""
     obs = make(_observe(head, _params(head, 1, 0.8, 0.15, 20.0), size=SIZE))
@@ -191,3 +192,15 @@ def test_bad_input_on_emulated_device_raises_the_cpu_error(tmp_path: Path, head:
         fit(obs, head, cfg, device="cuda")
     assert str(dev_err.value) == str(cpu_err.value)
     assert rec.syncs == [] and rec.downloads == 1
+
+
+def test_solver_steps_upload_nothing(tmp_path: Path, head: FlameModel) -> None:
+    """Host constants reach the device once (``xp.constant``), not once per step."""
+    obs = _observe(head, _params(head, 1, 0.8, 0.15, 20.0), size=SIZE)
+    uploads = []
+    for steps in (3, 9):
+        cfg = FitConfig(solver="paper", render_size=64, paper_camera_steps=steps, paper_steps=steps)
+        with emulated_cuda(tmp_path / str(steps)) as rec:
+            fit(obs, head, cfg, device="cuda")
+        uploads.append(rec.uploads)
+    assert uploads[0] == uploads[1] and uploads[0] < 40, uploads
