@@ -733,9 +733,10 @@ def fit(
         iterations = int(host["lm_passes"])
         stop_reason = STOP_REASONS[int(host["lm_code"])]
         if stop_reason == "non_finite":
-            bad = next((h for h in ctx.history_dicts(host["history"]) if not math.isfinite(h["total"])), {})
+            first = next((h for h in ctx.history_dicts(host["history"]) if not math.isfinite(h["total"])), {})
             raise FittingError(
-                f"fit: non-finite energy at LM iteration {bad.get('iteration', '?')} ({bad}); check the observation maps"
+                f"fit: non-finite energy at LM iteration {first.get('iteration', '?')} ({first}); "
+                "check the observation maps"
             )
         converged = stop_reason != "max_iterations"
     energies = _terms_dict(host["final"])

@@ -426,7 +426,11 @@ def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, Any
     fresh = xp.ones((), dtype=bool)  # the state changed since the last linearisation
     relinearise = True
     frame: Any = None
-    e_total = H = g = dH = x0 = None
+    e_total: Any = None
+    H: Any = None
+    g: Any = None
+    dH: Any = None
+    x0: Any = None
     linearisations = 0
     for _ in range(cfg.gn_iterations):
         if relinearise:

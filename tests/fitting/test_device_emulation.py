@@ -204,3 +204,32 @@ def test_solver_steps_upload_nothing(tmp_path: Path, head: FlameModel) -> None:
             fit(obs, head, cfg, device="cuda")
         uploads.append(rec.uploads)
     assert uploads[0] == uploads[1] and uploads[0] < 40, uploads
+
+
+@pytest.mark.parametrize(("solver", "match"), [("fast", "non-finite energy at LM iteration 3"),
+                                               ("paper", "energy became non-finite first in the camera stage at step 5")])  # fmt: skip
+@pytest.mark.parametrize("device", ["cpu", "emulated"])
+def test_non_finite_energy_during_the_solve_is_an_error(tmp_path, head, monkeypatch, solver, match, device):
+    """A NaN energy never yields a result, on either device (on the GPU it is noticed at the end)."""
+    from p3dmm.fitting import fitter
+
+    orig = fitter.evaluate_energy
+    calls = [0]
+
+    def poisoned(*args, **kwargs):
+        terms = orig(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] > (4 if solver == "fast" else 5):  # LM: 2 evaluations per pass; Adam: 1 per step
+            terms.uv = terms.uv * np.nan
+        return terms
+
+    monkeypatch.setattr(fitter, "evaluate_energy", poisoned)
+    obs = _observe(head, _params(head, 1, 0.8, 0.15, 20.0), size=SIZE)
+    cfg = FitConfig(solver=solver, render_size=64, paper_camera_steps=8, paper_steps=4, gn_iterations=6)
+    if device == "cpu":
+        with pytest.raises(FittingError, match=match):
+            fit(obs, head, cfg, device="cpu")
+    else:
+        with emulated_cuda(tmp_path) as rec, pytest.raises(FittingError, match=match):
+            fit(obs, head, cfg, device="cuda")
+        assert rec.syncs == []
