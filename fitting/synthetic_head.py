@@ -95,7 +95,7 @@ _NECK_AXIS_Z = -0.018
 _NECK_RADII = (0.056, 0.058)  # x, z
 
 
-def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
+def _smoothstep(e0: float | np.ndarray, e1: float | np.ndarray, x: np.ndarray) -> np.ndarray:
     t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
 
@@ -305,23 +305,23 @@ class _Lattice:
         ids = -np.ones(X.shape, dtype=np.int64)
         pts = np.stack([X[on], Y[on], Z[on]], 1)
         ids[on] = np.arange(len(pts))
-        quads = []
+        quad_parts: list[np.ndarray] = []
         for axis, (a1, a2) in ((0, (1, 2)), (1, (2, 0)), (2, (0, 1))):
             n1, n2 = (_P, _Q, _R)[a1], (_P, _Q, _R)[a2]
-            i, j = np.meshgrid(np.arange(n1), np.arange(n2), indexing="ij")
-            i, j = i.ravel(), j.ravel()
+            gi, gj = np.meshgrid(np.arange(n1), np.arange(n2), indexing="ij")
+            i, j = gi.ravel(), gj.ravel()
             for value, outward in ((0, -1), ((_P, _Q, _R)[axis], 1)):
-                corners = []
+                corners: list[np.ndarray] = []
                 for di, dj in ((0, 0), (1, 0), (1, 1), (0, 1)):
-                    c = [None, None, None]
+                    c: list[Any] = [None, None, None]
                     c[axis] = np.full_like(i, value)
                     c[a1], c[a2] = i + di, j + dj
                     corners.append(np.stack(c, 1))
                 q = np.stack(corners, 1)  # (n, 4, 3) CCW about +axis
                 if outward < 0:
                     q = q[:, ::-1]
-                quads.append(q)
-        quads = np.concatenate(quads)  # (nq, 4, 3) lattice coordinates
+                quad_parts.append(q)
+        quads = np.concatenate(quad_parts)  # (nq, 4, 3) lattice coordinates
         lo = quads.min(1)
         keep = np.ones(len(quads), dtype=bool)
         # mouth, eyes (front face z = R) and neck (bottom face y = 0)
@@ -460,12 +460,12 @@ def _eyeball(centre: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     ring = 1 + np.arange(_EYE_RINGS * _EYE_SEGS).reshape(_EYE_RINGS, _EYE_SEGS)
     nxt = np.roll(ring, -1, axis=1)
     back = 1 + _EYE_RINGS * _EYE_SEGS
-    faces = [np.stack([np.zeros(_EYE_SEGS, np.int64), ring[0], nxt[0]], 1)]
+    face_parts = [np.stack([np.zeros(_EYE_SEGS, np.int64), ring[0], nxt[0]], 1)]
     for k in range(_EYE_RINGS - 1):
-        faces.append(np.stack([ring[k], ring[k + 1], nxt[k + 1]], 1))
-        faces.append(np.stack([ring[k], nxt[k + 1], nxt[k]], 1))
-    faces.append(np.stack([np.full(_EYE_SEGS, back), nxt[-1], ring[-1]], 1))
-    faces = np.concatenate(faces).astype(np.int64)
+        face_parts.append(np.stack([ring[k], ring[k + 1], nxt[k + 1]], 1))
+        face_parts.append(np.stack([ring[k], nxt[k + 1], nxt[k]], 1))
+    face_parts.append(np.stack([np.full(_EYE_SEGS, back), nxt[-1], ring[-1]], 1))
+    faces = np.concatenate(face_parts).astype(np.int64)
     # orient outward
     tri = verts[faces]
     n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
@@ -727,7 +727,7 @@ def _landmarks(tp: dict[str, Any]) -> LandmarkEmbedding:
         ]
         target = sum(w * v[grid[i, j]] for i, j, w in corners if w > 0)
         near = max(((w, grid[i, j]) for i, j, w in corners), key=lambda p: p[0])[1]
-        best = None
+        best: tuple[Any, int, np.ndarray] | None = None
         for fi in incident[int(near)]:
             a, b, c = v[faces[fi]]
             m = np.stack([b - a, c - a], 1)
@@ -737,6 +737,7 @@ def _landmarks(tp: dict[str, Any]) -> LandmarkEmbedding:
             err = np.linalg.norm(bary @ v[faces[fi]] - target)
             if best is None or err < best[0]:
                 best = (err, fi, bary)
+        assert best is not None  # every vertex has an incident face
         lf.append(best[1])
         lb.append(best[2])
     return LandmarkEmbedding(static_faces=np.array(lf, dtype=np.int64), static_bary=np.array(lb, dtype=np.float32))
@@ -828,7 +829,9 @@ def _expression_fields(tp: dict[str, Any], rng: np.random.Generator) -> np.ndarr
     support = (kind == 0) * (1.0 - _smoothstep(0.8, 1.15, at))
     support = support * _smoothstep(deg(-62.0), deg(-50.0), ph) * (1.0 - _smoothstep(deg(28.0), deg(38.0), ph))
     G = lambda *a: _bump(th, ph, *a)[:, None]
-    Gs = lambda *a: _bump(th, ph, *a, symmetric=False)[:, None]
+    def Gs(th0: float, ph0: float, sth: float, sph: float) -> np.ndarray:
+        return _bump(th, ph, th0, ph0, sth, sph, symmetric=False)[:, None]
+
     out = (p - _C0) / np.linalg.norm(p - _C0, axis=1, keepdims=True)
     lower = _jaw_weight(th, rho, kind)[:, None]
     upper = 1.0 - lower
