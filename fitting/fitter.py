@@ -134,8 +134,9 @@ class FitResult:
         vertices: ``(V, 3) float32`` posed vertices in the FLAME/world frame.
         neutral_vertices: ``(V, 3)`` identity only (zero expression and pose).
         energies: final per-term energies.
-        history: per iteration dicts (iteration, total, uv, normal, regularizer).
-        iterations: solver iterations run.
+        history: per step dicts (stage, iteration, total, uv, normal, regularizer, active
+            counts): every Adam step; for the fast solver, every re-render (linearisation).
+        iterations: solver steps run (Adam steps; for the fast solver, LM passes = tried steps).
         converged: False only when the fast solver ran out of iterations or the paper
             schedule ended with a higher energy than it started the fitting stage with.
         stop_reason: ``"tolerance"``, ``"no_decrease"``, ``"max_iterations"`` (fast) or
