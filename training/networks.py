@@ -58,7 +58,7 @@ DINOV2_BACKBONES = (
 )
 #: A DINOv2-shaped ViT small enough for unit tests (patch 14, embed 48, depth 2, 3 heads).
 TINY_BACKBONE = "tiny_patch14_dinov2"
-TINY_BACKBONE_ARGS = {"patch_size": 14, "embed_dim": 48, "depth": 2, "num_heads": 3, "init_values": 1e-5}
+TINY_BACKBONE_ARGS: dict[str, Any] = {"patch_size": 14, "embed_dim": 48, "depth": 2, "num_heads": 3, "init_values": 1e-5}
 
 TASK_CHANNELS = {"normals": 3, "uv": 2}
 PATCH_SIZE = 14
@@ -191,7 +191,7 @@ def set_fused_attention(module: nn.Module, enabled: bool) -> int:
     count = 0
     for sub in module.modules():
         if hasattr(sub, "fused_attn"):
-            sub.fused_attn = bool(enabled)
+            setattr(sub, "fused_attn", bool(enabled))
             count += 1
     return count
 
@@ -278,6 +278,13 @@ class Predictor(nn.Module):
         backbone: timm VisionTransformer at ``config.backbone_img_size``.
         head: :class:`DenseHead`.
     """
+
+    # buffers and the timm backbone, typed for mypy (nn.Module.__getattr__ is untyped)
+    backbone: Any
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+    resample_rows: torch.Tensor
+    resample_cols: torch.Tensor
 
     def __init__(self, config: PredictorConfig) -> None:
         super().__init__()

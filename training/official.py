@@ -130,6 +130,10 @@ class OfficialConfig:
 class OfficialDinoEncoder(nn.Module):
     """``img_encoder``: ImageNet normalisation + timm DINO ViT/16 (``model.*``), CLS dropped."""
 
+    model: Any
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+
     def __init__(self, backbone: str) -> None:
         super().__init__()
         import timm
@@ -255,6 +259,9 @@ class OfficialNetwork(nn.Module):
         config: The :class:`OfficialConfig`.
         position_embedding_baked: True after :meth:`bake_position_embedding`.
     """
+
+    img_encoder: OfficialDinoEncoder
+    load_report: Any
 
     def __init__(self, config: OfficialConfig) -> None:
         super().__init__()
@@ -661,7 +668,7 @@ def load_official_checkpoint(
         raise ModelFileError(f"{name}: 'state_dict' is a {type(raw_sd).__name__}, expected a dict")
     hparams = ckpt.get("hyper_parameters")
     config = infer_official_config(raw_sd, hparams, source=name)
-    overrides = {"fused_attn": fused_attn}
+    overrides: dict[str, Any] = {"fused_attn": fused_attn}
     if num_heads is not None:
         overrides["num_heads"] = int(num_heads)
     try:

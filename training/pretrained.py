@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from p3dmm.fitting.errors import ModelFileError
@@ -179,14 +180,15 @@ def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def _resample_pos_embed(
-    pos: torch.Tensor, backbone: nn.Module, path: Path
+    pos: torch.Tensor, backbone: Any, path: Path
 ) -> tuple[torch.Tensor, tuple[tuple[int, int], tuple[int, int]] | None]:
     """Resample a ``(1, prefix + g*g, D)`` position embedding to the backbone's grid."""
     from timm.layers import resample_abs_pos_embed
 
     target = backbone.pos_embed
     n_prefix = 0 if getattr(backbone, "no_embed_class", False) else int(backbone.num_prefix_tokens)
-    new_grid = tuple(int(s) for s in backbone.patch_embed.grid_size)
+    gy, gx = (int(s) for s in backbone.patch_embed.grid_size)
+    new_grid = (gy, gx)
     if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != target.shape[2]:
         raise ModelFileError(
             f"{path}: key 'pos_embed' has shape {tuple(pos.shape)}, expected "
