@@ -40,14 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, command: str | None = None) -> int:
+    """Parse ``argv``, set up logging (``-v``: debug) and run ``args.func``.
+
+    A :class:`P3DMMError` is printed as ``p3dmm <command>: error: ...`` and gives exit code 2
+    (``command`` defaults to the parsed sub-command).
+    """
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return int(args.func(args))
     except P3DMMError as e:
-        print(f"p3dmm {args.command}: error: {e}", file=sys.stderr)
+        print(f"p3dmm {command or args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -213,15 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``train`` command; returns the exit code (2 on a p3dmm error)."""
-    from p3dmm.fitting.errors import P3DMMError
+    from p3dmm.runtime.cli import run
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    try:
-        return int(args.func(args))
-    except P3DMMError as e:
-        print(f"p3dmm train: error: {e}", file=sys.stderr)
-        return 2
+    return run(build_parser(), argv, "train")
 
 
 if __name__ == "__main__":  # pragma: no cover
