@@ -76,7 +76,7 @@ def main() -> None:
             v, n, steps = torch_baseline(obs, model, FitConfig(solver="paper", paper_camera_steps=cam_steps, paper_steps=fit_steps), args.threads)
             record("torch baseline (autograd)", time.perf_counter() - t0, steps, v, n, gt_v, gt_n)
         try:
-            from p3dmm.fitting.xp import cupy_or_raise
+            from p3dmm.fitting.base.xp import cupy_or_raise
 
             cp = cupy_or_raise()
             for solver in ("paper", "fast"):
@@ -116,13 +116,13 @@ def torch_baseline(obs, model, config, threads):  # -> (posed vertices, neutral 
 
     import numpy as np
     import torch
-    from p3dmm.fitting.energy import FitState
-    from p3dmm.fitting.fitter import prepare
+    from p3dmm.fitting.fitter.problem import prepare
+    from p3dmm.fitting.fitter.state import FitState
 
     from tests.torch_reference import torch_energy, torch_flame
 
     torch.set_num_threads(threads)
-    ctx, state, _ = prepare(obs, model, config)
+    problem, state, _ = prepare(obs, model, config, np)
     tens = {n: torch.tensor(np.asarray(getattr(state, n)), requires_grad=True) for n in FitState.NAMES}
     lrs = {"shape": config.lr_shape, "expr": config.lr_expr, "pose": config.lr_pose, "t": config.lr_t,
            "log_f": config.lr_log_f, "pp": config.lr_pp}
@@ -133,10 +133,10 @@ def torch_baseline(obs, model, config, threads):  # -> (posed vertices, neutral 
     def run(names, steps, weights, camera_stage):
         opt = torch.optim.Adam([{"params": [tens[n]], "lr": lrs[n]} for n in names], betas=(0.9, 0.999), eps=1e-8)
         for _ in range(steps):
-            frame = ctx.render(to_state())
+            frame = problem.render(to_state())
             opt.zero_grad()
-            e = torch_energy(model, *(tens[n] for n in FitState.NAMES), ctx.uv, ctx.normals, frame, weights,
-                             ctx.size, focal_prior=ctx.focal_prior, pp_prior=ctx.pp_prior)
+            e = torch_energy(model, *(tens[n] for n in FitState.NAMES), problem.uv, problem.normals, frame, weights,
+                             problem.size, focal_prior=problem.focal_prior, pp_prior=problem.pp_prior)
             e.backward()
             if camera_stage:
                 tens["pose"].grad[1:] = 0.0

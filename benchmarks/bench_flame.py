@@ -25,7 +25,7 @@ def main() -> None:
 
     import numpy as np
     from p3dmm.fitting import FlameModel, FlameParams
-    from p3dmm.fitting.lbs import flame_forward, flame_vjp
+    from p3dmm.fitting.model.lbs import flame_forward, flame_vjp
 
     try:
         model = FlameModel.synthetic(seed=0)
@@ -84,7 +84,7 @@ def main() -> None:
         rows.append(("torch autograd (not installed)", "cpu", float("nan"), float("nan")))
 
     try:
-        from p3dmm.fitting.xp import cupy_or_raise
+        from p3dmm.fitting.base.xp import cupy_or_raise
 
         cp = cupy_or_raise()
         gm = model.to("cuda")

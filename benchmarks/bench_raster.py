@@ -61,7 +61,7 @@ def main() -> None:
 
     import numpy as np
     from p3dmm.fitting import Camera
-    from p3dmm.fitting.raster import rasterize
+    from p3dmm.fitting.render.raster import rasterize
 
     verts, faces, source = _mesh()
     print(f"mesh: {source}; V={len(verts)}, F={len(faces)}")
@@ -76,7 +76,7 @@ def main() -> None:
             cam = Camera.frontal(distance=1.0, width=size, height=size)
             verts_d = to_device(np.ascontiguousarray(cam.to_camera(verts), dtype=np.float32))
             for cull in (False, True):
-                run = lambda: rasterize(verts_d, faces_d, cam, size, size, cull_backfaces=cull)  # noqa: E731
+                run = lambda: rasterize(verts_d, faces_d, cam, cull_backfaces=cull)  # noqa: E731
                 if key not in first_call:
                     t0 = time.perf_counter()
                     run()

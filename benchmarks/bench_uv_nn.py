@@ -45,7 +45,10 @@ def main() -> None:
     ap.add_argument("--no-bruteforce", action="store_true", help="skip the (slow) NumPy brute force")
     args = ap.parse_args()
 
-    from p3dmm.fitting.uv_nn import uv_nearest_pixels, uv_nearest_pixels_bruteforce
+    from p3dmm.fitting.fitter.uv_nn import (
+        uv_nearest_pixels,
+        uv_nearest_pixels_bruteforce,
+    )
 
     uv, mask = rendered_like_map(args.size)
     print(f"UV map {args.size}x{args.size}, {mask.mean() * 100:.1f} % masked ({int(mask.sum())} pixels)")

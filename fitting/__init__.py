@@ -1,11 +1,17 @@
 """p3dmm.fitting: FLAME model, camera, rendering and fitting on NumPy / CuPy.
 
+Layers, each importing only the ones before it: ``base`` (errors, array modules, camera,
+rotations, geometry, mesh files, atomic writes, the CUDA loader, the CLI runner) <-
+``model`` (FLAME arrays, LBS, FLAME files, synthetic head) <- ``render`` (rasterizer,
+maps, photo) <- ``fitter`` (energy, UV search, initialisation, the ``paper`` and ``fast``
+solvers, ``fit``); ``metrics`` uses ``base`` only. This module re-exports the public API.
+
 This package never imports torch or timm. Heavy optional modules (numba, cupy) are
 imported lazily by the functions that need them.
 """
 
-from .camera import Camera
-from .errors import (
+from .base.camera import Camera
+from .base.errors import (
     BackendUnavailableError,
     EngineError,
     FittingError,
@@ -13,10 +19,14 @@ from .errors import (
     ModelFileError,
     P3DMMError,
 )
-from .fitter import FitConfig, FitResult, Observation, fit
-from .flame_model import FlameModel, FlameParams, FlameUV, LandmarkEmbedding
-from .raster import Fragments, rasterize
-from .render import RenderedMaps, render_maps
+from .fitter.config import FitConfig, Observation
+from .fitter.fit import fit
+from .fitter.result import FitResult
+from .model.arrays import FlameUV, LandmarkEmbedding
+from .model.flame_model import FlameModel
+from .model.params import FlameParams
+from .render.maps import RenderedMaps, render_maps
+from .render.raster import Fragments, rasterize
 
 __all__ = [
     "BackendUnavailableError",

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-from .xp import to_numpy
+from .base.errors import InputError
+from .base.xp import to_numpy
 
 __all__ = ["procrustes_align", "vertex_errors"]
 

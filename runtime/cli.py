@@ -1,15 +1,27 @@
-"""The ``p3dmm`` command line (torch-free; training commands import torch lazily)."""
+"""The ``p3dmm`` command line (torch-free).
+
+The product's own commands (``demo``) are defined here; other packages register theirs
+through the ``p3dmm.commands`` entry-point group (each entry point names a function
+``add_parsers(subparsers)``): the training package registers ``synth``,
+``render-dataset`` and ``train`` (torch loads only when ``train`` runs). So this module
+imports nothing of :mod:`p3dmm.training`, and the training entry point can use the same
+runner (:func:`p3dmm.fitting.base.cli.run`) without importing this module.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from importlib.metadata import entry_points
 from typing import Sequence
 
-from p3dmm.fitting.errors import P3DMMError
+from p3dmm.fitting.base.cli import run
 
 log = logging.getLogger("p3dmm")
+
+#: Entry-point group of the sub-command plug-ins.
+COMMANDS_GROUP = "p3dmm.commands"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -19,6 +31,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``p3dmm`` parser: ``demo`` and every registered :data:`COMMANDS_GROUP` plug-in."""
     p = argparse.ArgumentParser(prog="p3dmm", description="Pixel3DMM reconstruction: predict, fit, export, train.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", required=True)
@@ -30,29 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--solvers", default="fast,paper", help="comma-separated solvers to run: fast, paper")
     d.set_defaults(func=_cmd_demo)
 
-    from p3dmm.training.synth_cli import add_parsers as add_synth_parsers  # torch-free
-
-    add_synth_parsers(sub)
-
-    from p3dmm.training.train_cli import add_parsers as add_train_parsers  # torch loads when `train` runs
-
-    add_train_parsers(sub)
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        ep.load()(sub)
     return p
-
-
-def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, command: str | None = None) -> int:
-    """Parse ``argv``, set up logging (``-v``: debug) and run ``args.func``.
-
-    A :class:`P3DMMError` is printed as ``p3dmm <command>: error: ...`` and gives exit code 2
-    (``command`` defaults to the parsed sub-command).
-    """
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    try:
-        return int(args.func(args))
-    except P3DMMError as e:
-        print(f"p3dmm {command or args.command}: error: {e}", file=sys.stderr)
-        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

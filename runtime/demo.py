@@ -16,11 +16,10 @@ import time
 from typing import Sequence
 
 import numpy as np
-
 from p3dmm.fitting import Camera, FitConfig, FlameModel, Observation, fit, render_maps
-from p3dmm.fitting.atomic_io import atomic_write_bytes
-from p3dmm.fitting.errors import InputError
-from p3dmm.fitting.mesh_io import save_mesh
+from p3dmm.fitting.base.atomic_io import atomic_write_bytes
+from p3dmm.fitting.base.errors import InputError
+from p3dmm.fitting.base.mesh_io import save_mesh
 from p3dmm.fitting.metrics import vertex_errors
 
 from .images import normals_to_rgb, overlay_mesh, save_png, uv_to_rgb

@@ -7,10 +7,11 @@ from os import PathLike
 from typing import Any
 
 import numpy as np
-
-from p3dmm.fitting.atomic_io import atomic_write_bytes
-from p3dmm.fitting.errors import InputError
-from p3dmm.fitting.xp import to_numpy
+from p3dmm.fitting.base.atomic_io import atomic_write_bytes
+from p3dmm.fitting.base.errors import InputError
+from p3dmm.fitting.base.geometry import vertex_normals
+from p3dmm.fitting.base.xp import to_numpy
+from p3dmm.fitting.render.raster import rasterize
 
 __all__ = ["save_png", "normals_to_rgb", "uv_to_rgb", "overlay_mesh"]
 
@@ -59,14 +60,11 @@ def overlay_mesh(image: Any, vertices: Any, faces: Any, camera: Any, alpha: floa
     Returns:
         ``(H, W, 3) uint8``.
     """
-    from p3dmm.fitting.geometry import vertex_normals
-    from p3dmm.fitting.raster import rasterize
-
     img = to_numpy(image)
     H, W = img.shape[:2]
     v = to_numpy(vertices).astype(np.float32)
     vc = camera.to_camera(v).astype(np.float32)
-    frags = rasterize(vc, to_numpy(faces), camera, H, W)
+    frags = rasterize(vc, to_numpy(faces), camera.scaled(W, H))
     n = vertex_normals(vc.astype(np.float64), to_numpy(faces).astype(np.int64))
     f = to_numpy(faces)
     cov = frags.face_id >= 0

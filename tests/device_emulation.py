@@ -40,8 +40,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse
-
-from p3dmm.fitting.kernels import _cuda
+from p3dmm.fitting.base import cuda as _cuda
 
 from .host_cuda import HostCuda, host_compiler
 
@@ -461,7 +460,7 @@ def _make_modules(host: HostCuda) -> dict[str, types.ModuleType]:
     )
 
     def raw_module(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("kernels must be loaded through p3dmm.fitting.kernels._cuda.load_module")
+        raise AssertionError("kernels must be loaded through p3dmm.fitting.base.cuda.load_module")
 
     cp.RawModule = raw_module  # type: ignore[attr-defined]
 
@@ -514,8 +513,9 @@ def emulated_cuda(build_dir: Path) -> Iterator[Recorder]:
 
 
 def _clear_caches() -> None:
-    from p3dmm.fitting import fitter, gauss_newton, xp
+    from p3dmm.fitting.base import xp
+    from p3dmm.fitting.fitter import fast, problem
 
-    fitter._MODEL_CACHE.clear()
-    gauss_newton._INCIDENCE.clear()
+    problem._MODEL_CACHE.clear()
+    fast._INCIDENCE.clear()
     xp._CONSTANTS.clear()

@@ -1,11 +1,11 @@
-"""Run the CUDA sources of ``p3dmm/fitting/kernels`` on the host (there is no GPU in CI).
+"""Run the CUDA sources of ``p3dmm.fitting`` (``render/rasterize.cu``, ``fitter/uv_nn.cu``) on the host (there is no GPU in CI).
 
-The exact text CuPy would hand to NVRTC (:func:`p3dmm.fitting.kernels._cuda.kernel_source`:
+The exact text CuPy would hand to NVRTC (:func:`p3dmm.fitting.base.cuda.kernel_source`:
 define preamble + file) is compiled as host C++ (``-std=c++17 -ffp-contract=off``) into a
 shared library behind a small shim for the CUDA built-ins and intrinsics, and loaded with
 ctypes. :meth:`HostCuda.load_module` stands in for ``load_module`` and returns an object
 with the ``RawModule.get_function(name)(grid, block, args)`` interface, so the Python
-launch code of :mod:`p3dmm.fitting.raster` and :mod:`p3dmm.fitting.uv_nn` runs unchanged.
+launch code of :mod:`p3dmm.fitting.render.raster` and :mod:`p3dmm.fitting.fitter.uv_nn` runs unchanged.
 
 Each launch runs every thread of its grid (``blocks x block``, including the out-of-range
 tail) serially, in a different shuffled order each time (a kernel must not depend on
@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from p3dmm.fitting.kernels import _cuda
+from p3dmm.fitting.base import cuda as _cuda
 
 #: C parameter types of every kernel, in order: an array dtype name (a pointer to that
 #: element type), ``"i32"`` (an ``int`` passed by value, np.int32) or ``"f64"`` (a
@@ -196,11 +195,11 @@ class HostCuda:
             lib = self.libs[source] = ctypes.CDLL(str(out))
         return lib
 
-    def load_module(self, name: str, defines: Any = None, options: Any = None) -> HostModule:
-        """``p3dmm.fitting.kernels._cuda.load_module`` stand-in (records each call)."""
+    def load_module(self, package: str, name: str, defines: Any = None, options: Any = None) -> HostModule:
+        """``p3dmm.fitting.base.cuda.load_module`` stand-in (records each call)."""
         self.loads.append((name, dict(defines or {}), options))
         # what load_module hands to NVRTC; looked up at call time so it can be patched
-        return HostModule(self.build(_cuda.kernel_source(name, defines)), self)
+        return HostModule(self.build(_cuda.kernel_source(package, name, defines)), self)
 
 
 def host_compiler() -> str | None:

@@ -28,24 +28,28 @@ torch-free.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from p3dmm.fitting.camera import Camera
-from p3dmm.fitting.errors import InputError
+from p3dmm.fitting.base.camera import Camera
+from p3dmm.fitting.base.errors import InputError
+from p3dmm.fitting.base.xp import to_numpy
+from p3dmm.fitting.render.raster import rasterize
+from p3dmm.fitting.render.sensor import (
+    gaussian_blur,
+    jpeg_roundtrip,
+    luma_chroma_noise,
+    to_uint8,
+)
 
 __all__ = [
     "AugmentConfig",
     "UVMirror",
-    "add_noise",
     "adjust_colour",
     "augment_sample",
-    "blur",
     "hflip_sample",
-    "jpeg_compress",
     "mirror_vertex_map_from_template",
     "paint_occluders",
     "random_background",
@@ -249,9 +253,6 @@ class UVMirror:
         Raises:
             InputError: The model has no UV layout, or a bad ``vertex_map`` / resolution.
         """
-        from p3dmm.fitting.raster import rasterize
-        from p3dmm.fitting.xp import to_numpy
-
         from .dataset_format import uv_layout_id
 
         if getattr(model, "uv", None) is None:
@@ -288,7 +289,7 @@ class UVMirror:
             width=R,
             height=R,
         )
-        frags = rasterize(pts, ft, cam, R, R)
+        frags = rasterize(pts, ft, cam)
         fid = np.asarray(frags.face_id)
         inside = fid >= 0
         bary = np.asarray(frags.bary, dtype=np.float64)
@@ -426,42 +427,6 @@ def adjust_colour(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfi
     x = np.clip(x @ M.T, 0.0, 1.0)
     g = np.exp(rng.uniform(np.log(cfg.gamma[0]), np.log(cfg.gamma[1])))
     return np.power(x, g).astype(np.float32)
-
-
-def blur(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of ``(H, W, 3)`` with ``sigma`` pixels (per channel, reflect borders)."""
-    from scipy.ndimage import gaussian_filter
-
-    return gaussian_filter(np.asarray(image, dtype=np.float32), sigma=(sigma, sigma, 0.0), mode="reflect")
-
-
-def add_noise(image: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
-    """Add Gaussian noise of standard deviation ``sigma`` (luma and chroma), clipped to [0, 1]."""
-    H, W = image.shape[:2]
-    luma = rng.normal(0.0, sigma, (H, W, 1))
-    chroma = rng.normal(0.0, 0.5 * sigma, (H, W, 3))
-    return np.clip(image + luma + chroma, 0.0, 1.0).astype(np.float32)
-
-
-def jpeg_compress(image: np.ndarray, quality: int) -> np.ndarray:
-    """JPEG round trip through Pillow.
-
-    Args:
-        image: ``(H, W, 3) float32`` in [0, 1].
-        quality: JPEG quality 1..100.
-
-    Returns:
-        ``(H, W, 3) float32`` in [0, 1] (quantised to 8 bits).
-    """
-    from PIL import Image
-
-    u8 = np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(u8).save(buf, format="JPEG", quality=int(quality))
-    buf.seek(0)
-    with Image.open(buf) as im:
-        out = np.asarray(im.convert("RGB"), dtype=np.float32)
-    return out / 255.0
 
 
 # ------------------------------------------------------ background and occluders
@@ -680,10 +645,11 @@ def augment_sample(
     if rng.uniform() < cfg.colour_prob:
         out["image"] = adjust_colour(out["image"], rng, cfg)
     if rng.uniform() < cfg.blur_prob:
-        out["image"] = blur(out["image"], rng.uniform(*cfg.blur_sigma) * scale)
+        out["image"] = gaussian_blur(np.asarray(out["image"], dtype=np.float32), rng.uniform(*cfg.blur_sigma) * scale)
     if rng.uniform() < cfg.noise_prob:
-        out["image"] = add_noise(out["image"], rng, rng.uniform(*cfg.noise_sigma))
+        out["image"] = luma_chroma_noise(out["image"], rng, rng.uniform(*cfg.noise_sigma))
     if rng.uniform() < cfg.jpeg_prob:
-        out["image"] = jpeg_compress(out["image"], int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1)))
+        quality = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
+        out["image"] = jpeg_roundtrip(to_uint8(out["image"]), quality).astype(np.float32) / 255.0
     out["image"] = np.clip(out["image"], 0.0, 1.0).astype(np.float32)
     return out

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from p3dmm.fitting.errors import InputError
+from p3dmm.fitting.base.errors import InputError
 from torch.utils.data import Dataset, DistributedSampler
 
 from .augment import AugmentConfig, UVMirror, augment_sample

@@ -34,7 +34,7 @@ A dataset is a directory::
 
 Conventions:
 
-* Pixels follow :mod:`p3dmm.fitting.camera` (row i, column j, OpenCV). Normals are in
+* Pixels follow :mod:`p3dmm.fitting.base.camera` (row i, column j, OpenCV). Normals are in
   the space named by ``normal_space`` (camera: OpenCV axes, a visible surface has
   n_z < 0; head: FLAME axes with the global head rotation undone). UV uses the OBJ
   convention of the model's layout (v up), in [0, 1].
@@ -64,11 +64,10 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
-
-from p3dmm.fitting.atomic_io import atomic_write_bytes
-from p3dmm.fitting.camera import Camera
-from p3dmm.fitting.errors import InputError
-from p3dmm.fitting.flame_model import FlameParams
+from p3dmm.fitting import FlameParams
+from p3dmm.fitting.base.atomic_io import atomic_write_bytes
+from p3dmm.fitting.base.camera import Camera
+from p3dmm.fitting.base.errors import InputError
 
 __all__ = [
     "FORMAT_NAME",
@@ -419,7 +418,7 @@ def write_sample(
     Args:
         root: dataset directory (see :func:`create_dataset`).
         sample_id: directory name of the sample.
-        maps: a :class:`p3dmm.fitting.render.RenderedMaps` (``rgb`` required).
+        maps: a :class:`p3dmm.fitting.RenderedMaps` (``rgb`` required).
         region_names: bit order of ``regions.png``, ``"coverage"`` first (the
             manifest's ``regions``); names the maps lack are written as empty.
         params: FLAME parameters, or None (meshes without parameters).

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from p3dmm.fitting.errors import InputError
+from p3dmm.fitting.base.errors import InputError
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

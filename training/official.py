@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from p3dmm.fitting.errors import InputError, ModelFileError
+from p3dmm.fitting.base.errors import InputError, ModelFileError
 from torch import nn
 
 from .networks import IMAGENET_MEAN, IMAGENET_STD, set_fused_attention

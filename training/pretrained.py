@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from p3dmm.fitting.errors import ModelFileError
+from p3dmm.fitting.base.errors import ModelFileError
 from torch import nn
 
 from .networks import Predictor

@@ -28,14 +28,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+from p3dmm.fitting import FlameModel, FlameParams
+from p3dmm.fitting.base.camera import FLAME_TO_OPENCV, Camera
+from p3dmm.fitting.base.errors import InputError, P3DMMError
+from p3dmm.fitting.base.xp import to_numpy
+from p3dmm.fitting.model.params import POSE_SHAPE
+from p3dmm.fitting.render.maps import render_maps, render_mesh_maps
 
-from p3dmm.fitting.camera import FLAME_TO_OPENCV, Camera
-from p3dmm.fitting.errors import InputError, P3DMMError
-from p3dmm.fitting.flame_model import FlameModel, FlameParams
-from p3dmm.fitting.render import render_maps, render_mesh_maps
-from p3dmm.fitting.xp import to_numpy
-
-from .dataset_format import add_to_manifest, create_dataset, sample_complete, uv_layout_id, write_sample
+from .dataset_format import (
+    add_to_manifest,
+    create_dataset,
+    sample_complete,
+    uv_layout_id,
+    write_sample,
+)
 
 __all__ = [
     "BatchResult",
@@ -171,7 +177,7 @@ def sample_flame_params(rng: np.random.Generator, model: FlameModel, cfg: SynthC
     s = rng.uniform(*cfg.expr_scale)
     sd = np.where(np.arange(k) < 20, s, 0.5 * s)
     expr[:k] = np.clip(rng.normal(0.0, 1.0, k) * sd, -cfg.expr_clip, cfg.expr_clip)
-    pose = np.zeros((5, 3))
+    pose = np.zeros(POSE_SHAPE)
     yaw = np.radians(rng.uniform(*cfg.yaw_deg))
     pitch = np.radians(np.clip(rng.normal(0, cfg.pitch_sd_deg), -cfg.pitch_max_deg, cfg.pitch_max_deg))
     roll = np.radians(np.clip(rng.normal(0, cfg.roll_sd_deg), -cfg.roll_max_deg, cfg.roll_max_deg))
@@ -231,13 +237,14 @@ def sample_camera(
     centre = 0.5 * (pts.min(0) + pts.max(0))
     half = 0.5 * float(np.max(pts.max(0)[:2] - pts.min(0)[:2]))
     dist = focal * max(half, 1e-3) / (0.5 * fill * size) + 0.5 * float(np.ptp(pts[:, 2]))
+    # image-plane offsets from the principal point, float64 (the returned camera is float32)
+    centred = Camera(focal=np.float64(focal), principal=np.zeros(2), R=R, t=np.zeros(3), width=size, height=size)
     for _ in range(3):  # refine the distance with the exact perspective box
-        pc = (pts - centre) @ R.T + np.array([0.0, 0.0, dist])
-        uv = focal * pc[:, :2] / pc[:, 2:3]
+        uv = centred.project_camera((pts - centre) @ R.T + np.array([0.0, 0.0, dist]))
         side = float(np.max(uv.max(0) - uv.min(0)))
         dist *= side / (fill * size)
-    pc = (pts - centre) @ R.T + np.array([0.0, 0.0, dist])
-    box_mid = 0.5 * ((focal * pc[:, :2] / pc[:, 2:3]).max(0) + (focal * pc[:, :2] / pc[:, 2:3]).min(0))
+    uv = centred.project_camera((pts - centre) @ R.T + np.array([0.0, 0.0, dist]))
+    box_mid = 0.5 * (uv.max(0) + uv.min(0))
     # shift the camera sideways so the box centre lands at the image centre + jitter
     shift = (box_mid - jitter) * dist / focal
     t = -R @ centre + np.array([-shift[0], -shift[1], dist])

@@ -10,7 +10,7 @@ import argparse
 import logging
 from typing import Any, Callable
 
-from p3dmm.fitting.errors import InputError
+from p3dmm.fitting.base.errors import InputError
 
 __all__ = ["add_parsers"]
 
@@ -50,7 +50,7 @@ def _load_model(args: argparse.Namespace) -> Any:
             if getattr(args, opt) is not None:
                 raise InputError(f"--{opt.replace('_', '-')} needs --flame")
         return None
-    from p3dmm.fitting.flame_model import FlameModel
+    from p3dmm.fitting import FlameModel
 
     if args.flame_uv is None:
         raise InputError(f"--flame {args.flame}: also pass --flame-uv head_template.obj (the renderer needs UVs)")

@@ -28,16 +28,15 @@
 Distributed: under ``torchrun`` the process group is created from the environment
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) with NCCL
 on CUDA and Gloo on the CPU; an already initialised group is used as it is. Only rank 0
-writes files. ``python -m p3dmm.training.train ARGS`` runs the ``train`` command line
-(:mod:`p3dmm.training.train_cli`).
+writes files. ``python -m p3dmm.training ARGS`` (and so ``torchrun --nproc_per_node=N
+-m p3dmm.training ARGS``) runs the ``train`` command line (:mod:`p3dmm.training.train_cli`).
+Checkpoints are read and written by :mod:`p3dmm.training.checkpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import io
 import json
 import logging
 import math
@@ -51,21 +50,26 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from p3dmm.fitting.atomic_io import atomic_write_bytes
-from p3dmm.fitting.errors import InputError, ModelFileError
+from p3dmm.fitting.base.atomic_io import atomic_write_bytes
+from p3dmm.fitting.base.errors import InputError
 from torch import nn
 
 from .augment import AugmentConfig, UVMirror
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    CHECKPOINT_VERSION,
+    load_checkpoint,
+    save_checkpoint,
+    weights_digest,
+)
 from .data import MapsDataset, ResumableDistributedSampler
 from .networks import Predictor, PredictorConfig, param_groups
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
     "TrainConfig",
     "TrainResult",
     "evaluate",
-    "load_checkpoint",
-    "load_predictor",
     "lr_factor",
     "task_loss",
     "train",
@@ -73,9 +77,6 @@ __all__ = [
 
 log = logging.getLogger("p3dmm.train")
 
-CHECKPOINT_FORMAT = "p3dmm-train-checkpoint"
-CHECKPOINT_VERSION = 1
-CHECKPOINT_NAME = "last.pt"
 METRICS_NAME = "metrics.jsonl"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _ANGLE_BINS = (18000, 180.0)  # 0.01 degree bins
@@ -386,66 +387,6 @@ def _restore_rng(states: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
-    buf = io.BytesIO()
-    torch.save(dict(state), buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a training checkpoint on the CPU (``weights_only``: no arbitrary pickles).
-
-    Args:
-        path: A ``last.pt`` written by :func:`train`.
-
-    Returns:
-        The checkpoint dict (``model``, ``predictor``, ``optimizer``, ``scheduler``,
-        ``scaler``, ``step``, ``skipped_steps``, ``rng``, ``config``, ``val_history``, ...).
-
-    Raises:
-        ModelFileError: Missing or unreadable file, or not a p3dmm training checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: training checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a bad file
-        raise ModelFileError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ModelFileError(f"{path}: format {got!r}, expected a {CHECKPOINT_FORMAT!r} file")
-    if int(ckpt.get("format_version", 0)) > CHECKPOINT_VERSION:
-        raise ModelFileError(
-            f"{path}: checkpoint version {ckpt.get('format_version')}, this p3dmm reads up to {CHECKPOINT_VERSION}"
-        )
-    return ckpt
-
-
-def load_predictor(path: str | os.PathLike[str]) -> Predictor:
-    """Rebuild the trained :class:`Predictor` of a checkpoint (CPU, eval mode).
-
-    Raises:
-        ModelFileError: See :func:`load_checkpoint`; also a state dict that does not fit.
-    """
-    ckpt = load_checkpoint(path)
-    model = Predictor(PredictorConfig(**ckpt["predictor"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ModelFileError(f"{path}: model weights do not fit the stored predictor config ({e})") from e
-    return model.eval()
-
-
-def _weights_digest(model: nn.Module) -> str:
-    """sha256 (16 hex digits) of the model's state dict bytes, in key order."""
-    h = hashlib.sha256()
-    for key, value in model.state_dict().items():
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 # ------------------------------------------------------------------------ logging
 class _MetricsLog:
     """``metrics.jsonl`` (appended, flushed, fsynced) and optional TensorBoard, rank 0 only."""
@@ -598,7 +539,7 @@ def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractC
 
 # ------------------------------------------------------------------------- data
 def _uv_mirror(config: TrainConfig) -> UVMirror:
-    from p3dmm.fitting.flame_model import FlameModel
+    from p3dmm.fitting import FlameModel
 
     if config.flame_model is None:
         model = FlameModel.synthetic(seed=0)
@@ -772,7 +713,7 @@ def _train(config: TrainConfig, pcfg: PredictorConfig, dist_info: _Dist, stop_at
     def checkpoint() -> None:
         if not dist_info.is_main:
             return
-        _save_checkpoint(
+        save_checkpoint(
             ckpt_path,
             {
                 "format": CHECKPOINT_FORMAT,
@@ -877,7 +818,7 @@ def _train(config: TrainConfig, pcfg: PredictorConfig, dist_info: _Dist, stop_at
             import torch.distributed as dist
 
             digests: list[Any] = [None] * dist_info.world_size
-            dist.all_gather_object(digests, _weights_digest(raw_model))
+            dist.all_gather_object(digests, weights_digest(raw_model))
             metrics_log.write({"step": step, "split": "final", "rank_weight_digests": digests})
             if len(set(digests)) != 1:
                 log.warning("train: model weights differ between ranks: %s", digests)
@@ -899,11 +840,3 @@ def _load_pretrained(model: Predictor, path: str) -> Any:
     from .pretrained import load_pretrained_backbone
 
     return load_pretrained_backbone(model, path)
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m p3dmm.training.train` (torchrun)
-    import sys
-
-    from p3dmm.training.train_cli import main
-
-    sys.exit(main())

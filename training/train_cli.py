@@ -1,8 +1,9 @@
 """The ``p3dmm train`` command (argparse only; torch is imported when the command runs).
 
-``add_parsers`` adds the sub-command to the ``p3dmm`` CLI; :func:`main` is the same
-command as a standalone program, used by ``python -m p3dmm.training.train`` (and so by
-``torchrun --nproc_per_node=N -m p3dmm.training.train ARGS``).
+``add_parsers`` adds the sub-command to the ``p3dmm`` CLI (registered as a
+``p3dmm.commands`` entry point, so the torch-free CLI never imports this package); :func:`main`
+is the same command as a standalone program, used by ``python -m p3dmm.training`` (and so
+by ``torchrun --nproc_per_node=N -m p3dmm.training ARGS``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from p3dmm.fitting.base.cli import run
 
 log = logging.getLogger("p3dmm.train")
 
@@ -192,18 +195,18 @@ def add_parsers(subparsers: Any) -> None:
     """
     t = subparsers.add_parser(
         "train",
-        help="train a normal or UV predictor (torchrun-compatible: python -m p3dmm.training.train)",
+        help="train a normal or UV predictor (torchrun-compatible: python -m p3dmm.training)",
         description="Train a Pixel3DMM-style predictor on p3dmm-maps data. Resumable (--resume); under "
-        "torchrun --nproc_per_node=N -m p3dmm.training.train the same arguments run DDP.",
+        "torchrun --nproc_per_node=N -m p3dmm.training the same arguments run DDP.",
     )
     _add_train_arguments(t)
     t.set_defaults(func=_cmd_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The standalone ``train`` parser of ``python -m p3dmm.training.train``."""
+    """The standalone ``train`` parser of ``python -m p3dmm.training``."""
     p = argparse.ArgumentParser(
-        prog="python -m p3dmm.training.train", description="Train a Pixel3DMM-style predictor (torchrun-compatible)."
+        prog="python -m p3dmm.training", description="Train a Pixel3DMM-style predictor (torchrun-compatible)."
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     _add_train_arguments(p)
@@ -213,8 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``train`` command; returns the exit code (2 on a p3dmm error)."""
-    from p3dmm.runtime.cli import run
-
     return run(build_parser(), argv, "train")
 
 

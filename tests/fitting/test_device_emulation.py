@@ -19,11 +19,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
-
-from p3dmm.fitting import Camera, FittingError, FlameModel, InputError, rasterize
-from p3dmm.fitting.fitter import FitConfig, Observation, fit
-from p3dmm.fitting.uv_nn import uv_targets
-from p3dmm.fitting.xp import LaggedFlag
+from p3dmm.fitting import (
+    Camera,
+    FitConfig,
+    FittingError,
+    FlameModel,
+    InputError,
+    Observation,
+    fit,
+    rasterize,
+)
+from p3dmm.fitting.base.xp import LaggedFlag
+from p3dmm.fitting.fitter.uv_nn import uv_targets
 
 from ..device_emulation import DArray, emulated_cuda
 from .test_fit import _errors, _observe, _params
@@ -97,8 +104,8 @@ def test_rasterize_launch_code_on_emulated_device(tmp_path: Path) -> None:
 
         for verts, faces in scenes:
             for cull in (False, True):
-                cpu = rasterize(verts, faces, cam, h, w, cull_backfaces=cull, near=0.05)
-                dev = rasterize(cp.asarray(verts), cp.asarray(faces), cam, h, w, cull_backfaces=cull, near=0.05)
+                cpu = rasterize(verts, faces, cam, cull_backfaces=cull, near=0.05)
+                dev = rasterize(cp.asarray(verts), cp.asarray(faces), cam, cull_backfaces=cull, near=0.05)
                 assert isinstance(dev.face_id, DArray)
                 assert_array_equal(dev.face_id.get(), cpu.face_id)
                 assert_array_equal(dev.bary.get(), cpu.bary)
@@ -132,7 +139,7 @@ def test_fit_on_emulated_device_matches_cpu_without_host_reads(
     p = _params(head, 12, 0.8, 0.15, 20.0)
     obs = _observe(head, p, size=SIZE)
     model = head.astype(np.dtype(dtype))
-    cfg = FitConfig(solver=solver, render_size=64, paper_camera_steps=4, paper_steps=8, gn_iterations=10)
+    cfg = FitConfig(solver=solver, render_size=64, paper_camera_steps=4, paper_steps=8, fast_iterations=10)
     cpu = fit(obs, model, cfg, device="cpu")
     with emulated_cuda(tmp_path) as rec:
         dev = fit(obs, model, cfg, device="cuda")
@@ -186,7 +193,7 @@ def _wrong_uvs(obs: Observation) -> Observation:
 def test_bad_input_on_emulated_device_raises_the_cpu_error(tmp_path: Path, head: FlameModel, make, error, match) -> None:
     """On the device the data checks are read with the result; the error is the CPU's."""
     obs = make(_observe(head, _params(head, 1, 0.8, 0.15, 20.0), size=SIZE))
-    cfg = FitConfig(render_size=64, gn_iterations=3)
+    cfg = FitConfig(render_size=64, fast_iterations=3)
     with pytest.raises(error, match=match) as cpu_err:
         fit(obs, head, cfg, device="cpu")
     with emulated_cuda(tmp_path) as rec, pytest.raises(error, match=match) as dev_err:
@@ -207,14 +214,14 @@ def test_solver_steps_upload_nothing(tmp_path: Path, head: FlameModel) -> None:
     assert uploads[0] == uploads[1] and uploads[0] < 40, uploads
 
 
-@pytest.mark.parametrize(("solver", "match"), [("fast", "non-finite energy at LM iteration 3"),
+@pytest.mark.parametrize(("solver", "match"), [("fast", "non-finite energy at fast-solver iteration 3"),
                                                ("paper", "energy became non-finite first in the camera stage at step 5")])  # fmt: skip
 @pytest.mark.parametrize("device", ["cpu", "emulated"])
 def test_non_finite_energy_during_the_solve_is_an_error(tmp_path, head, monkeypatch, solver, match, device):
     """A NaN energy never yields a result, on either device (on the GPU it is noticed at the end)."""
-    from p3dmm.fitting import fitter
+    from p3dmm.fitting.fitter import problem
 
-    orig = fitter.evaluate_energy
+    orig = problem.evaluate_energy
     calls = [0]
 
     def poisoned(*args, **kwargs):
@@ -224,9 +231,9 @@ def test_non_finite_energy_during_the_solve_is_an_error(tmp_path, head, monkeypa
             terms.uv = terms.uv * np.nan
         return terms
 
-    monkeypatch.setattr(fitter, "evaluate_energy", poisoned)
+    monkeypatch.setattr(problem, "evaluate_energy", poisoned)
     obs = _observe(head, _params(head, 1, 0.8, 0.15, 20.0), size=SIZE)
-    cfg = FitConfig(solver=solver, render_size=64, paper_camera_steps=8, paper_steps=4, gn_iterations=6)
+    cfg = FitConfig(solver=solver, render_size=64, paper_camera_steps=8, paper_steps=4, fast_iterations=6)
     if device == "cpu":
         with pytest.raises(FittingError, match=match):
             fit(obs, head, cfg, device="cpu")

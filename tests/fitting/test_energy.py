@@ -6,8 +6,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-
-from p3dmm.fitting.energy import EnergyWeights, FitState, Frame, NormalTargets, UVTargets, evaluate_energy, project
+from p3dmm.fitting.fitter.energy import EnergyWeights, evaluate_energy
+from p3dmm.fitting.fitter.state import FitState, Frame, NormalTargets, UVTargets
 
 from .flame_fixtures import random_flame_model
 
@@ -25,17 +25,17 @@ def _setup(space: str, seed: int = 0):
     )
     H = W = 64
     ids = rng.choice(model.n_vertices, 40, replace=False)
-    from p3dmm.fitting.lbs import flame_forward
+    from p3dmm.fitting.model.lbs import flame_forward
 
     verts = flame_forward(model, state.params())[0]
-    _, proj = project(state, verts[ids])
+    proj = state.camera(W, H).project(verts[ids])
     uv = UVTargets(vertex_ids=ids, pixels=proj + rng.normal(scale=3.0, size=proj.shape), n_targets=50)
     face_id = rng.integers(-1, model.n_faces, size=(16, 16)).astype(np.int32)
     bary = rng.random((16, 16, 3))
     bary /= bary.sum(-1, keepdims=True)
     n_obs = rng.normal(size=(16, 16, 3))
     n_obs /= np.linalg.norm(n_obs, axis=-1, keepdims=True)
-    normals = NormalTargets(normals=n_obs, mask=rng.random((16, 16)) < 0.8, space=space, scale=0.25)
+    normals = NormalTargets(normals=n_obs, mask=rng.random((16, 16)) < 0.8, space=space)
     frame = Frame(face_id=face_id, bary=bary, visible=rng.random(40) < 0.9)
     # outlier cut off for random normals: every covered pixel takes part
     weights = EnergyWeights(normal_outlier=10.0)

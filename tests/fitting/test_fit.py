@@ -6,11 +6,18 @@ import dataclasses
 
 import numpy as np
 import pytest
-
-from p3dmm.fitting import Camera, FittingError, FlameModel, FlameParams, InputError
-from p3dmm.fitting.fitter import FitConfig, Observation, fit
+from p3dmm.fitting import (
+    Camera,
+    FitConfig,
+    FittingError,
+    FlameModel,
+    FlameParams,
+    InputError,
+    Observation,
+    fit,
+    render_maps,
+)
 from p3dmm.fitting.metrics import vertex_errors
-from p3dmm.fitting.render import render_maps
 
 SIZE = 256
 
@@ -209,21 +216,20 @@ def test_gpu_fit_reads_nothing_back_until_the_result(head, solver, monkeypatch):
 
     import cupy as cp
     import cupyx
-
-    from p3dmm.fitting import fitter
+    from p3dmm.fitting.fitter import fit as fit_module
 
     p = _params(head, 12, 0.8, 0.15, 20.0)
     obs = _observe(head, p)
     obs_d = Observation(normals=cp.asarray(obs.normals), uv=cp.asarray(obs.uv), mask=cp.asarray(obs.mask))
     cfg = FitConfig(solver=solver, paper_camera_steps=20, paper_steps=20)
     fit(obs_d, head, cfg, device="cuda")  # warm-up: kernels compiled, model cached on the device
-    download = fitter._download
+    download = fit_module.download
 
     def allowed(*args, **kwargs):
         with cupyx.allow_synchronize(True):
             return download(*args, **kwargs)
 
-    monkeypatch.setattr(fitter, "_download", allowed)
+    monkeypatch.setattr(fit_module, "download", allowed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         with cupyx.allow_synchronize(False):

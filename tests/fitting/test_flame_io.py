@@ -14,9 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse
-
-from p3dmm.fitting import FlameModel, FlameUV, InputError, LandmarkEmbedding, ModelFileError
-from p3dmm.fitting import flame_io
+from p3dmm.fitting import (
+    FlameModel,
+    FlameUV,
+    InputError,
+    LandmarkEmbedding,
+    ModelFileError,
+)
+from p3dmm.fitting.base import mesh_io
+from p3dmm.fitting.model import flame_files, unpickle
 
 V, F, T = 50, 60, 57
 
@@ -212,9 +218,9 @@ def test_write_load_round_trip(io_model: FlameModel, tmp_path: Path, chumpy_styl
 
 def test_chumpy_objects_carry_their_array(io_model: FlameModel, tmp_path: Path) -> None:
     paths = io_model.write(tmp_path, chumpy_style=True)
-    d = flame_io.load_pickle(paths["model"])
+    d = unpickle.load_pickle(paths["model"])
     for key in ("v_template", "shapedirs", "weights", "J"):
-        assert isinstance(d[key], flame_io.ChumpyStub) and d[key].qualified_name == "chumpy.ch.Ch"
+        assert isinstance(d[key], unpickle.ChumpyStub) and d[key].qualified_name == "chumpy.ch.Ch"
         assert isinstance(d[key].x, np.ndarray)
     np.testing.assert_array_equal(d["v_template"].x, io_model.v_template.astype(np.float64))
 
@@ -239,7 +245,7 @@ def test_flame2020_style_python2_pickle_loads(io_model: FlameModel, tmp_path: Pa
     path.write_bytes(py2_flame_pickle(flame_dict(io_model)))
     ops = {op.name for op, _, _ in pickletools.genops(path.read_bytes())}
     assert "BINSTRING" in ops and "BINUNICODE" not in ops  # really Python 2 shaped
-    d = flame_io.load_pickle(path)
+    d = unpickle.load_pickle(path)
     assert d["J"].qualified_name == "chumpy.ch.Ch" and d["v_template"].state["_dirty_vars"] == set()
     assert_same_model(io_model, FlameModel.load(path))
 
@@ -278,7 +284,7 @@ def test_shape_expr_truncation_and_limits(io_model: FlameModel, tmp_path: Path) 
 def test_small_model_is_padded_to_flame_layout(tmp_path: Path) -> None:
     small = make_model(seed=3, n_shape=12, n_expr=20)
     paths = small.write(tmp_path)
-    arrays = flame_io.read_flame_arrays(paths["model"])
+    arrays = flame_files.read_flame_arrays(paths["model"])
     assert arrays["shapedirs"].shape == (V, 3, 320)  # identity padded to 300, then 20 expression
     assert not arrays["shapedirs"][:, :, 12:300].any()
     assert_same_model(small, FlameModel.load(paths["model"], n_shape=12, n_expr=20))
@@ -290,11 +296,11 @@ def test_kintree_sentinel_gives_flame_parents(io_model: FlameModel, tmp_path: Pa
     d = flame_dict(io_model)
     for root in (4294967295, -1):
         d["kintree_table"] = np.array([[root, 0, 1, 1, 1], [0, 1, 2, 3, 4]])
-        arrays = flame_io.read_flame_arrays(write_pickle(tmp_path / "k.pkl", d))
+        arrays = flame_files.read_flame_arrays(write_pickle(tmp_path / "k.pkl", d))
         np.testing.assert_array_equal(arrays["parents"], [-1, 0, 1, 1, 1])
     d["kintree_table"] = np.array([[4294967295, 0, 3, 1, 1], [0, 1, 2, 3, 4]])
     with pytest.raises(ModelFileError, match=r"kintree_table.*joint 2 parent 3"):
-        flame_io.read_flame_arrays(write_pickle(tmp_path / "k.pkl", d))
+        flame_files.read_flame_arrays(write_pickle(tmp_path / "k.pkl", d))
 
 
 # ------------------------------------------------------------ torch-free tensors
@@ -328,7 +334,7 @@ def test_torch_tensor_landmark_embedding_reads_without_torch(tmp_path: Path, mon
     monkeypatch.setitem(sys.modules, "torch", None)  # any 'import torch' now fails
     with pytest.raises(ImportError):
         np.load(path, allow_pickle=True)
-    lm = flame_io.load_landmark_embedding(path, F)
+    lm = flame_files.load_landmark_embedding(path, F)
     np.testing.assert_array_equal(lm.static_faces, static_faces)
     np.testing.assert_array_equal(lm.static_bary, static_bary)
     np.testing.assert_array_equal(lm.dynamic_faces, dyn_faces)
@@ -372,7 +378,7 @@ def test_torch_zip_storage_payload_reads_without_torch(tmp_path: Path, monkeypat
     path.write_bytes(data)
 
     monkeypatch.setitem(sys.modules, "torch", None)
-    out = flame_io.load_pickle(path)["lmk"]
+    out = unpickle.load_pickle(path)["lmk"]
     assert isinstance(out, np.ndarray) and out.dtype == np.float64
     np.testing.assert_array_equal(out, reference)
 
@@ -395,10 +401,10 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path: Path, kind: str)
     if kind == "npy":
         path = tmp_path / "landmark_embedding.npy"
         save_dict_npy(path, payload)
-        call = lambda: flame_io.load_landmark_embedding(path, F)  # noqa: E731
+        call = lambda: flame_files.load_landmark_embedding(path, F)  # noqa: E731
     else:
         path = write_pickle(tmp_path / f"{kind}.pkl", payload)
-        call = (lambda: FlameModel.load(path)) if kind == "model" else (lambda: flame_io.load_flame_masks(path, V))
+        call = (lambda: FlameModel.load(path)) if kind == "model" else (lambda: flame_files.load_flame_masks(path, V))
     with pytest.raises(ModelFileError, match=r"refused to unpickle (posix|os|nt)\.system") as err:
         call()
     assert str(path) in str(err.value)
@@ -408,7 +414,7 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path: Path, kind: str)
 def test_builtins_eval_is_refused(tmp_path: Path) -> None:
     path = write_pickle(tmp_path / "m.pkl", {"f": _Evil(eval, "1 + 1")})
     with pytest.raises(ModelFileError, match=r"builtins\.eval|__builtin__\.eval"):
-        flame_io.load_pickle(path)
+        unpickle.load_pickle(path)
 
 
 # ------------------------------------------------------------------------- errors
@@ -485,7 +491,7 @@ def test_obj_faces_must_match_model(io_model: FlameModel, tmp_path: Path) -> Non
     paths = io_model.write(tmp_path)
     bad_faces = io_model.faces.copy()
     bad_faces[7] = bad_faces[7][::-1]
-    obj = flame_io.write_obj_with_uv(tmp_path / "bad.obj", io_model.v_template, io_model.uv.vt, bad_faces, io_model.uv.ft)
+    obj = mesh_io.write_obj_with_uv(tmp_path / "bad.obj", io_model.v_template, io_model.uv.vt, bad_faces, io_model.uv.ft)
     with pytest.raises(ModelFileError) as err:
         FlameModel.load(paths["model"], uv=obj)
     msg = str(err.value)
@@ -499,13 +505,13 @@ def test_read_obj_with_uv_by_hand(tmp_path: Path) -> None:
         "vt 0 0\nvt 1 0\nvt 0 1\nvt 1 1\nvt 0.5 0.5\nvn 0 0 1\n"
         "f 1/1/1 2/2/1 3/3/1\nf -3/-1 -1/-2 -2/-4\n"
     )
-    v, vt, f, ft = flame_io.read_obj_with_uv(path)
+    v, vt, f, ft = mesh_io.read_obj_with_uv(path)
     assert v.shape == (4, 3) and vt.shape == (5, 2)
     np.testing.assert_array_equal(f, [[0, 1, 2], [1, 3, 2]])
     np.testing.assert_array_equal(ft, [[0, 1, 2], [4, 3, 1]])
     path.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
     with pytest.raises(ModelFileError, match="line 4.*no texture index"):
-        flame_io.read_obj_with_uv(path)
+        mesh_io.read_obj_with_uv(path)
 
 
 def test_uv_from_per_vertex_array(io_model: FlameModel, tmp_path: Path) -> None:
@@ -527,7 +533,7 @@ def test_flame_static_and_dynamic_embeddings(io_model: FlameModel, tmp_path: Pat
     lm = io_model.landmarks
     dynamic = tmp_path / "flame_dynamic_embedding.npy"
     save_dict_npy(dynamic, {"lmk_face_idx": lm.dynamic_faces.astype(np.uint32), "lmk_b_coords": lm.dynamic_bary})
-    static_only = flame_io.load_landmark_embedding(paths["static_landmarks"], F)
+    static_only = flame_files.load_landmark_embedding(paths["static_landmarks"], F)
     np.testing.assert_array_equal(static_only.static_faces, lm.static_faces)
     assert static_only.dynamic_faces is None
     both = FlameModel.load(paths["model"], landmarks=[paths["static_landmarks"], dynamic]).landmarks
@@ -535,7 +541,7 @@ def test_flame_static_and_dynamic_embeddings(io_model: FlameModel, tmp_path: Pat
     np.testing.assert_array_equal(both.dynamic_faces, lm.dynamic_faces)
     np.testing.assert_array_equal(both.dynamic_bary, lm.dynamic_bary)
     with pytest.raises(ModelFileError, match="mediapipe_landmarks="):
-        flame_io.load_landmark_embedding(paths["mediapipe_landmarks"], F)
+        flame_files.load_landmark_embedding(paths["mediapipe_landmarks"], F)
 
 
 def test_landmark_face_ids_and_bary_shapes_are_checked(io_model: FlameModel, tmp_path: Path) -> None:
@@ -543,20 +549,20 @@ def test_landmark_face_ids_and_bary_shapes_are_checked(io_model: FlameModel, tmp
     path = write_pickle(tmp_path / "flame_static_embedding.pkl",
                         {"lmk_face_idx": np.r_[lm.static_faces[:-1], F], "lmk_b_coords": lm.static_bary})
     with pytest.raises(ModelFileError, match=r"'lmk_face_idx'.*< 60 \(F=60 faces\)"):
-        flame_io.load_landmark_embedding(path, F)
+        flame_files.load_landmark_embedding(path, F)
     write_pickle(path, {"lmk_face_idx": lm.static_faces, "lmk_b_coords": lm.static_bary[:, :2]})
     with pytest.raises(ModelFileError, match=r"'lmk_b_coords' has shape \(51, 2\), expected \(51, 3\)"):
-        flame_io.load_landmark_embedding(path, F)
+        flame_files.load_landmark_embedding(path, F)
     mp = tmp_path / "mp.npz"
     np.savez(mp, lmk_face_idx=lm.mediapipe_faces, lmk_b_coords=lm.mediapipe_bary)
     with pytest.raises(ModelFileError, match=r"'landmark_indices' is missing.*\(105,\)"):
-        flame_io.load_mediapipe_embedding(mp, F)
+        flame_files.load_mediapipe_embedding(mp, F)
 
 
 def test_mask_ids_are_checked(io_model: FlameModel, tmp_path: Path) -> None:
     path = write_pickle(tmp_path / "FLAME_masks.pkl", {"face": np.arange(10), "neck": np.array([3, V + 2])})
     with pytest.raises(ModelFileError, match=r"'neck'.*\[3, 52\].*< 50"):
-        flame_io.load_flame_masks(path, V)
+        flame_files.load_flame_masks(path, V)
 
 
 # ------------------------------------------------------------------ synthetic head

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from p3dmm.fitting.geometry import scatter_add_rows, vertex_normals, vertex_normals_vjp
+from p3dmm.fitting.base.geometry import (
+    scatter_add_rows,
+    vertex_normals,
+    vertex_normals_vjp,
+)
 
 torch = pytest.importorskip("torch")
 trimesh = pytest.importorskip("trimesh")

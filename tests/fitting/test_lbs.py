@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from p3dmm.fitting import FlameParams
-from p3dmm.fitting.lbs import (
+from p3dmm.fitting.model.lbs import (
     dynamic_contour_bins,
     flame_forward,
     flame_vjp,
@@ -143,7 +142,7 @@ def test_dynamic_contour_bins():
 
 
 def test_flame_jacobian_matches_vjp_and_finite_differences():
-    from p3dmm.fitting.lbs import flame_jacobian
+    from p3dmm.fitting.model.lbs import flame_jacobian
 
     model = random_flame_model(seed=21, dtype=np.float64)
     params = random_params(model, seed=22, pose_scale=0.5)
@@ -172,7 +171,7 @@ def test_flame_jacobian_matches_vjp_and_finite_differences():
 
 
 def test_rotation_to_axis_angle_inverts_rodrigues():
-    from p3dmm.fitting.lbs import rotation_to_axis_angle
+    from p3dmm.fitting.base.rotation import rotation_to_axis_angle
 
     rng = np.random.default_rng(30)
     axes = rng.normal(size=(40, 3))

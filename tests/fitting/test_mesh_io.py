@@ -2,10 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from p3dmm.fitting import FlameUV, InputError
-from p3dmm.fitting.flame_io import read_obj_with_uv
-from p3dmm.fitting.mesh_io import save_mesh
+from p3dmm.fitting.base.mesh_io import read_obj_with_uv, save_mesh
 
 trimesh = pytest.importorskip("trimesh")
 

@@ -2,9 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from p3dmm.fitting import InputError
-from p3dmm.fitting.lbs import rodrigues
+from p3dmm.fitting.base.rotation import rodrigues
 from p3dmm.fitting.metrics import procrustes_align, vertex_errors
 
 

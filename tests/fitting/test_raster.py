@@ -1,4 +1,4 @@
-"""Tests of p3dmm.fitting.raster.rasterize (CPU numba path; GPU parity when a GPU exists)."""
+"""Tests of p3dmm.fitting.render.raster.rasterize (CPU numba path; GPU parity when a GPU exists)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import trimesh
 from numpy.testing import assert_allclose, assert_array_equal
-
 from p3dmm.fitting import BackendUnavailableError, Camera, InputError
-from p3dmm.fitting.camera import FLAME_TO_OPENCV
-from p3dmm.fitting.kernels import _cuda
-from p3dmm.fitting.raster import GUARD_BAND_PX, Fragments, rasterize
+from p3dmm.fitting.base import cuda as _cuda
+from p3dmm.fitting.base.camera import FLAME_TO_OPENCV
+from p3dmm.fitting.render.raster import GUARD_BAND_PX, Fragments, rasterize
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -45,7 +44,7 @@ def coverage_counts(verts: np.ndarray, faces: np.ndarray, cam: Camera, h: int, w
     """How many faces cover each pixel, each face rasterized on its own: ``(H, W) int``."""
     counts = np.zeros((h, w), dtype=np.int64)
     for k in range(len(faces)):
-        counts += rasterize(verts, faces[k : k + 1], cam, h, w).face_id >= 0
+        counts += rasterize(verts, faces[k : k + 1], cam).face_id >= 0
     return counts
 
 
@@ -84,7 +83,7 @@ def ray_cast(verts_cam: np.ndarray, faces: np.ndarray, cam: Camera, h: int, w: i
 
 
 def assert_matches_ray_cast(verts_cam: np.ndarray, faces: np.ndarray, cam: Camera, h: int, w: int) -> None:
-    frags = rasterize(verts_cam, faces, cam, h, w)
+    frags = rasterize(verts_cam, faces, cam)
     ref_id, ref_depth = ray_cast(verts_cam, faces, cam, h, w)
     ours = frags.face_id >= 0
     theirs = ref_id >= 0
@@ -105,7 +104,7 @@ def test_single_triangle_coverage_matches_point_in_triangle() -> None:
     cam = pinhole(h, w, focal=60.0)
     pix = np.array([[3.3, 4.7], [44.1, 11.2], [17.6, 37.9]])
     tri = unproject(pix, np.array([1.0, 1.6, 2.3]), cam)
-    frags = rasterize(tri, np.array([[0, 1, 2]]), cam, h, w)
+    frags = rasterize(tri, np.array([[0, 1, 2]]), cam)
 
     # brute force on the float64 projection: signed distances of pixel centres to each edge
     p = project64(tri, cam)
@@ -128,7 +127,7 @@ def test_barycentrics_are_perspective_correct() -> None:
     cam = pinhole(h, w, focal=40.0)
     tri = unproject(np.array([[1.2, 2.5], [30.4, 6.1], [9.7, 29.8]]), np.array([0.8, 2.5, 1.4]), cam)
     faces = np.array([[0, 1, 2]])
-    frags = rasterize(tri, faces, cam, h, w)
+    frags = rasterize(tri, faces, cam)
     m = frags.mask
     assert m.sum() > 100
     points = interpolate(frags, tri, faces)
@@ -148,12 +147,12 @@ def test_barycentrics_are_perspective_correct() -> None:
 def test_output_types_and_shapes() -> None:
     cam = pinhole(20, 30, 30.0)
     tri = unproject(np.array([[2.0, 2.0], [25.0, 3.0], [10.0, 18.0]]), np.ones(3), cam)
-    frags = rasterize(tri, np.array([[0, 1, 2]], dtype=np.int32), cam, 20, 30)
+    frags = rasterize(tri, np.array([[0, 1, 2]], dtype=np.int32), cam)
     assert frags.face_id.shape == (20, 30) and frags.face_id.dtype == np.int32
     assert frags.bary.shape == (20, 30, 3) and frags.bary.dtype == np.float32
     assert frags.depth.shape == (20, 30) and frags.depth.dtype == np.float32
     # float64 vertices and int64 faces give the same result
-    frags64 = rasterize(tri.astype(np.float64), np.array([[0, 1, 2]], dtype=np.int64), cam, 20, 30)
+    frags64 = rasterize(tri.astype(np.float64), np.array([[0, 1, 2]], dtype=np.int64), cam)
     assert_array_equal(frags64.face_id, frags.face_id)
     assert_array_equal(frags64.depth, frags.depth)
 
@@ -176,7 +175,7 @@ def test_axis_aligned_quad_is_half_open(flip: bool, diagonal: int) -> None:
     expected = np.zeros((h, w), dtype=np.int64)
     expected[2:10, 2:12] = 1
     assert_array_equal(counts, expected)
-    assert_array_equal(rasterize(verts, faces, cam, h, w).mask, expected == 1)
+    assert_array_equal(rasterize(verts, faces, cam).mask, expected == 1)
 
 
 @pytest.mark.parametrize("split", ["horizontal", "vertical"])
@@ -225,7 +224,7 @@ def test_dense_grid_covers_every_pixel_exactly_once(jitter: float) -> None:
     faces[1::3] = faces[1::3, ::-1]  # mixed windings must not matter without culling
     counts = coverage_counts(verts, faces, cam, h, w)
     assert_array_equal(counts, np.ones((h, w), dtype=np.int64))
-    assert rasterize(verts, faces, cam, h, w).mask.all()
+    assert rasterize(verts, faces, cam).mask.all()
 
 
 def test_fan_around_a_pixel_centre() -> None:
@@ -255,9 +254,9 @@ def test_nearest_depth_wins_regardless_of_face_order() -> None:
     far_tri = unproject(np.array([[4.0, 2.0], [22.0, 20.0], [3.0, 19.0]]), np.full(3, 2.0), cam)
     verts = np.vstack([far_tri, near_tri])
     for faces, near_id in ((np.array([[0, 1, 2], [3, 4, 5]]), 1), (np.array([[3, 4, 5], [0, 1, 2]]), 0)):
-        frags = rasterize(verts, faces, cam, h, w)
-        alone_near = rasterize(verts, faces[near_id : near_id + 1], cam, h, w).mask
-        alone_far = rasterize(verts, faces[1 - near_id : 2 - near_id], cam, h, w).mask
+        frags = rasterize(verts, faces, cam)
+        alone_near = rasterize(verts, faces[near_id : near_id + 1], cam).mask
+        alone_far = rasterize(verts, faces[1 - near_id : 2 - near_id], cam).mask
         overlap = alone_near & alone_far
         assert overlap.sum() > 50
         assert_array_equal(frags.face_id[alone_near], near_id)
@@ -271,7 +270,7 @@ def test_equal_depth_tie_goes_to_lowest_face_id() -> None:
     cam = pinhole(h, w, 20.0)
     tri = unproject(np.array([[1.0, 1.0], [14.0, 2.0], [4.0, 14.0]]), np.array([1.0, 1.2, 1.4]), cam)
     verts = np.vstack([tri, tri])
-    frags = rasterize(verts, np.array([[3, 4, 5], [0, 1, 2], [5, 3, 4]]), cam, h, w)
+    frags = rasterize(verts, np.array([[3, 4, 5], [0, 1, 2], [5, 3, 4]]), cam)
     assert frags.mask.sum() > 30
     assert set(np.unique(frags.face_id[frags.mask])) == {0}
 
@@ -280,20 +279,20 @@ def test_near_plane_skips_faces() -> None:
     cam = pinhole(16, 16, 20.0)
     tri = np.array([[-0.3, -0.3, 1.0], [0.3, -0.2, 1.0], [0.0, 0.3, 1.0]], dtype=np.float32)
     faces = np.array([[0, 1, 2]])
-    assert rasterize(tri, faces, cam, 16, 16).mask.sum() > 20
+    assert rasterize(tri, faces, cam).mask.sum() > 20
     for z in (0.0, -1.0, 0.05):
         behind = tri.copy()
         behind[2, 2] = z
-        assert not rasterize(behind, faces, cam, 16, 16, near=0.1).mask.any()
+        assert not rasterize(behind, faces, cam, near=0.1).mask.any()
     nan_tri = tri.copy()
     nan_tri[1, 0] = np.nan
-    assert not rasterize(nan_tri, faces, cam, 16, 16).mask.any()
+    assert not rasterize(nan_tri, faces, cam).mask.any()
     # a vertex projecting beyond the guard band skips its face (no clipping)
     far_out = tri.copy()
     far_out[1, 0] = 1.01 * GUARD_BAND_PX / 20.0
-    assert not rasterize(far_out, faces, cam, 16, 16).mask.any()
+    assert not rasterize(far_out, faces, cam).mask.any()
     far_out[1, 0] = 0.99 * GUARD_BAND_PX / 20.0 - 10
-    assert rasterize(far_out, faces, cam, 16, 16).mask.any()
+    assert rasterize(far_out, faces, cam).mask.any()
 
 
 def test_flame_winding_is_front_facing_through_the_opencv_camera() -> None:
@@ -304,10 +303,10 @@ def test_flame_winding_is_front_facing_through_the_opencv_camera() -> None:
     assert n[2] > 0  # counter-clockwise seen from +z, where the camera is
     verts_cam = cam.to_camera(tri_flame)
     ccw = np.array([[0, 1, 2]])
-    culled = rasterize(verts_cam, ccw, cam, 32, 32, cull_backfaces=True)
+    culled = rasterize(verts_cam, ccw, cam, cull_backfaces=True)
     assert culled.mask.sum() > 50
-    assert_array_equal(culled.face_id, rasterize(verts_cam, ccw, cam, 32, 32).face_id)
-    assert not rasterize(verts_cam, ccw[:, ::-1].copy(), cam, 32, 32, cull_backfaces=True).mask.any()
+    assert_array_equal(culled.face_id, rasterize(verts_cam, ccw, cam).face_id)
+    assert not rasterize(verts_cam, ccw[:, ::-1].copy(), cam, cull_backfaces=True).mask.any()
     assert_allclose(FLAME_TO_OPENCV, np.diag([1.0, -1.0, -1.0]))
 
 
@@ -317,8 +316,8 @@ def test_culling_on_a_closed_sphere() -> None:
     sphere = trimesh.creation.icosphere(subdivisions=2)  # outward normals, counter-clockwise outside
     faces = np.asarray(sphere.faces)
     outside = (np.asarray(sphere.vertices) * 0.8 + [0.05, -0.1, 3.0]).astype(np.float32)
-    all_faces = rasterize(outside, faces, cam, h, w)
-    culled = rasterize(outside, faces, cam, h, w, cull_backfaces=True)
+    all_faces = rasterize(outside, faces, cam)
+    culled = rasterize(outside, faces, cam, cull_backfaces=True)
     assert all_faces.mask.sum() > 200
     assert_array_equal(culled.face_id, all_faces.face_id)  # a convex closed mesh shows front faces only
     # every visible face's normal points towards the camera: n . (centroid - 0) < 0
@@ -328,8 +327,8 @@ def test_culling_on_a_closed_sphere() -> None:
     assert (np.einsum("fd,fd->f", normals, tri.mean(1)) < 0).all()
     # from inside the sphere every face is seen from its back
     inside = (np.asarray(sphere.vertices) * 2.0).astype(np.float32)
-    assert rasterize(inside, faces, cam, h, w).mask.all()
-    assert not rasterize(inside, faces, cam, h, w, cull_backfaces=True).mask.any()
+    assert rasterize(inside, faces, cam).mask.all()
+    assert not rasterize(inside, faces, cam, cull_backfaces=True).mask.any()
 
 
 # --------------------------------------------------------------- independent ray casting
@@ -375,7 +374,7 @@ def test_synthetic_head_matches_ray_casting(yaw_deg: float) -> None:
 
 def test_empty_mesh() -> None:
     cam = pinhole(8, 8, 10.0)
-    frags = rasterize(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64), cam, 8, 8)
+    frags = rasterize(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64), cam)
     assert_array_equal(frags.face_id, -1)
     assert_array_equal(frags.depth, 0.0)
 
@@ -385,8 +384,8 @@ def test_deterministic() -> None:
     cam = pinhole(48, 48, 40.0)
     verts = (rng.normal(size=(60, 3)) * [0.5, 0.5, 0.3] + [0, 0, 2.0]).astype(np.float32)
     faces = rng.integers(0, 60, size=(150, 3))
-    a = rasterize(verts, faces, cam, 48, 48)
-    b = rasterize(verts, faces, cam, 48, 48)
+    a = rasterize(verts, faces, cam)
+    b = rasterize(verts, faces, cam)
     assert a.mask.sum() > 100
     assert_array_equal(a.face_id, b.face_id)
     assert_array_equal(a.bary, b.bary)
@@ -403,8 +402,9 @@ def test_deterministic() -> None:
         ({"faces": np.zeros((2, 3), np.float32)}, r"rasterize: faces has dtype float32, expected an integer"),
         ({"faces": np.array([[0, 1, 4]])}, r"rasterize: faces index range \[0, 4\], expected within \[0, 3\]"),
         ({"faces": np.array([[0, 1, -1]])}, r"rasterize: faces index range"),
-        ({"height": 0}, r"rasterize: height, width = 0, 8, expected positive integers"),
-        ({"width": 8.0}, r"rasterize: height, width"),
+        ({"height": 0, "width": 8}, r"rasterize: height, width = 0, 8, expected positive integers"),
+        ({"height": 8, "width": 8.0}, r"rasterize: height, width"),
+        ({"height": 8, "width": 16}, r"rasterize: height, width = 8, 16 differ from the camera's 8x8"),
         ({"camera": "cam"}, r"rasterize: camera is a str, expected p3dmm.fitting.Camera"),
         ({"near": 0.0}, r"rasterize: near is 0.0, expected a finite positive"),
     ],
@@ -414,26 +414,39 @@ def test_validation_errors(kwargs: dict, match: str) -> None:
         "verts_cam": np.array([[0, 0, 1], [1, 0, 1], [0, 1, 1], [1, 1, 1]], np.float32),
         "faces": np.array([[0, 1, 2]]),
         "camera": pinhole(8, 8, 10.0),
-        "height": 8,
-        "width": 8,
     }
     args.update(kwargs)
     with pytest.raises(InputError, match=match):
         rasterize(**args)
 
 
+def test_image_size_comes_from_the_camera() -> None:
+    """The camera carries the size; the old (height, width) arguments still work, with a warning."""
+    verts = np.array([[-1, -1, 2], [1, -1, 2], [0, 1, 2]], np.float32)
+    faces = np.array([[0, 1, 2]])
+    cam = pinhole(12, 20, 10.0)
+    frags = rasterize(verts, faces, cam)
+    assert frags.face_id.shape == (12, 20)
+    with pytest.warns(DeprecationWarning, match="the camera carries the image size"):
+        old = rasterize(verts, faces, cam, 12, 20)
+    assert_array_equal(old.face_id, frags.face_id)
+    bigger = rasterize(verts, faces, cam.scaled(40, 24))
+    assert bigger.face_id.shape == (24, 40) and bigger.mask.sum() > 3 * frags.mask.sum()
+
+
 def test_bad_focal_is_rejected() -> None:
     cam = pinhole(8, 8, 10.0)
     cam.focal = np.float32(-5.0)
     with pytest.raises(InputError, match=r"rasterize: camera.focal is -5.0"):
-        rasterize(np.ones((3, 3), np.float32), np.array([[0, 1, 2]]), cam, 8, 8)
+        rasterize(np.ones((3, 3), np.float32), np.array([[0, 1, 2]]), cam)
 
 
 # ------------------------------------------------------------------------ CUDA helper text
+RENDER = "p3dmm.fitting.render"  # the package that ships rasterize.cu
 
 
 def test_kernel_source_preamble() -> None:
-    src = _cuda.kernel_source("rasterize", {"SUBPIXEL_BITS": 8, "GUARD_BAND_PX": 2.0**21, "FLAG": True, "NEG": -0.5})
+    src = _cuda.kernel_source(RENDER, "rasterize", {"SUBPIXEL_BITS": 8, "GUARD_BAND_PX": 2.0**21, "FLAG": True, "NEG": -0.5})
     head = src.split("\n")
     assert head[:5] == [
         "#define FLAG 1",
@@ -442,8 +455,8 @@ def test_kernel_source_preamble() -> None:
         "#define SUBPIXEL_BITS 8",
         '#line 1 "rasterize.cu"',
     ]
-    assert src.endswith(_cuda.read_kernel_file("rasterize"))
-    assert _cuda.kernel_source("rasterize") == '#line 1 "rasterize.cu"\n' + _cuda.read_kernel_file("rasterize")
+    assert src.endswith(_cuda.read_kernel_file(RENDER, "rasterize"))
+    assert _cuda.kernel_source(RENDER, "rasterize") == '#line 1 "rasterize.cu"\n' + _cuda.read_kernel_file(RENDER, "rasterize")
     assert _cuda.define_preamble({"EPS": 1e-6, "N": np.int32(3)}) == "#define EPS 1e-06\n#define N 3\n"
 
 
@@ -459,7 +472,7 @@ def test_kernel_source_preamble() -> None:
 )
 def test_kernel_source_rejects_bad_input(name: str, defines: dict | None, match: str) -> None:
     with pytest.raises(InputError, match=match):
-        _cuda.kernel_source(name, defines)
+        _cuda.kernel_source(RENDER, name, defines)
 
 
 def test_load_module_without_gpu_says_why() -> None:
@@ -473,11 +486,11 @@ def test_load_module_without_gpu_says_why() -> None:
     except Exception:  # noqa: BLE001 - CUDARuntimeError without a driver: the case under test
         pass
     with pytest.raises(BackendUnavailableError):
-        _cuda.load_module("rasterize")
+        _cuda.load_module(RENDER, "rasterize")
 
 
 # -------------------------------------------------- CUDA source, run on the host (no GPU)
-# kernels/rasterize.cu compiled as host C++ and launched through rasterize()'s own CuPy
+# render/rasterize.cu compiled as host C++ and launched through rasterize()'s own CuPy
 # code: tests/fitting/test_device_emulation.py::test_rasterize_launch_code_on_emulated_device
 
 
@@ -500,8 +513,8 @@ def test_gpu_matches_cpu(cull: bool) -> None:
     for verts, faces in scenes:
         for h, w in ((64, 64), (97, 131)):
             cam = pinhole(h, w, 0.6 * w)
-            cpu = rasterize(verts, faces, cam, h, w, cull_backfaces=cull)
-            gpu = rasterize(cp.asarray(verts), cp.asarray(faces), cam, h, w, cull_backfaces=cull)
+            cpu = rasterize(verts, faces, cam, cull_backfaces=cull)
+            gpu = rasterize(cp.asarray(verts), cp.asarray(faces), cam, cull_backfaces=cull)
             assert isinstance(gpu.face_id, cp.ndarray)
             assert cpu.mask.sum() > 0.1 * h * w
             assert_array_equal(cp.asnumpy(gpu.face_id), cpu.face_id)

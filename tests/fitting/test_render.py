@@ -6,11 +6,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-
 from p3dmm.fitting import Camera, FlameModel, FlameParams, InputError
-from p3dmm.fitting.camera import FLAME_TO_OPENCV
-from p3dmm.fitting.lbs import flame_forward
-from p3dmm.fitting.render import Appearance, render_maps, render_mesh_maps, sh_basis, vertex_normals
+from p3dmm.fitting.base.camera import FLAME_TO_OPENCV
+from p3dmm.fitting.base.geometry import vertex_normals
+from p3dmm.fitting.model.lbs import flame_forward
+from p3dmm.fitting.render.appearance import Appearance
+from p3dmm.fitting.render.maps import render_maps, render_mesh_maps
+from p3dmm.fitting.render.sh import sh_basis
 
 SIZE = 96
 

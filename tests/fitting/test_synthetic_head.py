@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from p3dmm.fitting import FlameModel, FlameParams, InputError
-from p3dmm.fitting import synthetic_head as sh
-from p3dmm.fitting.lbs import flame_forward
+from p3dmm.fitting.model import synthetic_head as sh
+from p3dmm.fitting.model.lbs import flame_forward
 
 LEFT = np.arange(*sh.LEFT_EYEBALL)
 RIGHT = np.arange(*sh.RIGHT_EYEBALL)

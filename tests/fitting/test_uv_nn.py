@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from p3dmm.fitting.errors import InputError
-from p3dmm.fitting.uv_nn import (
+from p3dmm.fitting.base.errors import InputError
+from p3dmm.fitting.fitter.uv_nn import (
     _grid_search_reference,
     build_uv_grid_reference,
     uv_nearest_pixels,
@@ -328,10 +327,10 @@ def test_kernel_source_compiles_with_nvrtc() -> None:
         from cupy_backends.cuda.libs import nvrtc
     except Exception as e:  # noqa: BLE001 - cupy missing or no NVRTC library
         pytest.skip(f"NVRTC unavailable ({type(e).__name__})")
-    from p3dmm.fitting.kernels._cuda import kernel_source
+    from p3dmm.fitting.base.cuda import kernel_source
 
     for g in (1, 64, 128):
-        prog = nvrtc.createProgram(kernel_source("uv_nn", {"UVNN_GRID_SIZE": g}), "uv_nn.cu", [], [])
+        prog = nvrtc.createProgram(kernel_source("p3dmm.fitting.fitter", "uv_nn", {"UVNN_GRID_SIZE": g}), "uv_nn.cu", [], [])
         try:
             nvrtc.compileProgram(prog, ["--std=c++17", "-arch=compute_90"])
         except Exception as e:  # noqa: BLE001
@@ -346,8 +345,7 @@ def test_kernel_source_compiles_with_nvrtc() -> None:
 @pytest.mark.parametrize("grid_size", [1, 16, 64, 128])
 def test_cuda_matches_cpu(grid_size: int) -> None:
     import cupy as cp
-
-    from p3dmm.fitting.uv_nn import _cuda_build_grid
+    from p3dmm.fitting.fitter.uv_nn import _cuda_build_grid
 
     cases = [rendered_like_map(96), random_map(48, 40, 0), random_map(40, 40, 7)]
     cases.append(((np.round(cases[2][0] * 16) / 16).astype(np.float32), cases[2][1]))

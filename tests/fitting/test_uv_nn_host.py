@@ -1,7 +1,7 @@
 """Run the CUDA source ``kernels/uv_nn.cu`` on the host, through the real CuPy launch code.
 
 There is no GPU in CI, so this is the substitute check for the ``method="cuda"`` path of
-:func:`p3dmm.fitting.uv_nn.uv_nearest_pixels` (same idea as the rasterizer's
+:func:`p3dmm.fitting.fitter.uv_nn.uv_nearest_pixels` (same idea as the rasterizer's
 ``test_cuda_source_logic_matches_cpu_on_the_host``):
 
 * The exact text CuPy would compile, ``kernel_source("uv_nn", {"UVNN_GRID_SIZE": G})``
@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
-from p3dmm.fitting.kernels import _cuda
-from p3dmm.fitting.uv_nn import (
+from p3dmm.fitting.base import cuda as _cuda
+from p3dmm.fitting.fitter.uv_nn import (
     _check_inputs,
     _cuda_build_grid,
     _cuda_search,

@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from p3dmm.fitting import Camera, FlameModel
-from p3dmm.fitting.errors import InputError
-from p3dmm.fitting.lbs import rodrigues
-from p3dmm.fitting.render import render_maps, render_mesh_maps
-from p3dmm.fitting.synthetic_head import mirror_vertex_map
+from p3dmm.fitting.base.errors import InputError
+from p3dmm.fitting.base.rotation import rodrigues
+from p3dmm.fitting.model.synthetic_head import mirror_vertex_map
+from p3dmm.fitting.render.maps import render_maps, render_mesh_maps
+from p3dmm.fitting.render.sensor import jpeg_roundtrip, to_uint8
 from p3dmm.training.augment import (
     AugmentConfig,
     UVMirror,
     adjust_colour,
     augment_sample,
     hflip_sample,
-    jpeg_compress,
     mirror_vertex_map_from_template,
     paint_occluders,
     swap_background,
@@ -187,7 +187,7 @@ def test_photometric_ops() -> None:
     cfg = AugmentConfig(brightness=0.0, contrast=0.0, saturation=0.5, gamma=(1.0, 1.0))
     # saturation and hue change nothing on a grey image
     assert_allclose(adjust_colour(grey, np.random.default_rng(1), cfg), grey, atol=1e-6)
-    out = jpeg_compress(img, 40)
+    out = jpeg_roundtrip(to_uint8(img), 40).astype(np.float32) / 255.0
     assert out.shape == img.shape and out.dtype == np.float32
     assert 0.0 < np.abs(out - img).mean() < 0.3
 

@@ -9,10 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from p3dmm.fitting import Camera, FlameParams, InputError
-from p3dmm.fitting.render import RenderedMaps
+from p3dmm.fitting import Camera, FlameParams, InputError, RenderedMaps
 from p3dmm.training.dataset_format import (
     DatasetReader,
     add_to_manifest,
@@ -29,6 +26,7 @@ from p3dmm.training.dataset_format import (
     write_png16,
     write_sample,
 )
+from PIL import Image
 
 REGIONS = ["coverage", "face", "lips", "nose"]
 

@@ -13,7 +13,7 @@ pytest.importorskip("timm")
 
 import torch.nn.functional as F
 from numpy.testing import assert_allclose
-from p3dmm.fitting.errors import InputError, ModelFileError
+from p3dmm.fitting.base.errors import InputError, ModelFileError
 from p3dmm.training.networks import (
     TINY_BACKBONE,
     TINY_BACKBONE_ARGS,

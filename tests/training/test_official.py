@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 
 from numpy.testing import assert_allclose
-from p3dmm.fitting.errors import ModelFileError
+from p3dmm.fitting.base.errors import ModelFileError
 from p3dmm.training.official import (
     OfficialConfig,
     OfficialNetwork,

@@ -9,10 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import trimesh
-from PIL import Image
-
 from p3dmm.fitting import FlameModel
-from p3dmm.fitting.mesh_io import save_mesh
+from p3dmm.fitting.base.mesh_io import save_mesh
 from p3dmm.training.dataset_format import DatasetReader, read_manifest
 from p3dmm.training.synth import (
     SynthConfig,
@@ -23,6 +21,7 @@ from p3dmm.training.synth import (
     synthesize,
 )
 from p3dmm.training.synth_cli import add_parsers
+from PIL import Image
 
 SIZE = 48
 

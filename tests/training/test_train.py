@@ -15,20 +15,14 @@ import pytest
 import torch
 from numpy.testing import assert_allclose
 from p3dmm.fitting import FlameModel
-from p3dmm.fitting.errors import InputError
+from p3dmm.fitting.base.errors import InputError
 from p3dmm.training import train as train_module
 from p3dmm.training.augment import AugmentConfig, UVMirror
+from p3dmm.training.checkpoint import load_checkpoint, load_predictor, weights_digest
 from p3dmm.training.data import MapsDataset, ResumableDistributedSampler, resize_sample
 from p3dmm.training.networks import PredictorConfig
 from p3dmm.training.synth import synthesize
-from p3dmm.training.train import (
-    TrainConfig,
-    evaluate,
-    load_checkpoint,
-    load_predictor,
-    lr_factor,
-    train,
-)
+from p3dmm.training.train import TrainConfig, evaluate, lr_factor, train
 
 SIZE = 64
 
@@ -199,7 +193,7 @@ def test_ddp_two_processes_gloo(data: dict[str, Path], tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.environ.get("PYTHONPATH", ""))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "p3dmm.training.train",
+        "-m", "p3dmm.training",
         "--data", str(data["train"]), "--val", str(data["val"]), "--task", "normals", "--out", str(out),
         "--steps", "3", "--batch-size", "2", "--backbone", "tiny", "--img-size", str(SIZE), "--workers", "0",
         "--val-every", "0", "--log-every", "1", "--device", "cpu", "--no-tensorboard", "--lr", "1e-3",
@@ -214,7 +208,7 @@ def test_ddp_two_processes_gloo(data: dict[str, Path], tmp_path: Path) -> None:
     assert len(final) == 1
     digests = final[0]["rank_weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    assert digests[0] == train_module._weights_digest(load_predictor(out / "last.pt"))
+    assert digests[0] == weights_digest(load_predictor(out / "last.pt"))
     vals = [m for m in _metrics(out) if m["split"] == "val"]
     assert [m["step"] for m in vals] == [0, 3] and vals[0]["pixels"] > 0
 

@@ -12,10 +12,12 @@ Every function takes all arrays it needs as arguments and works on NumPy or CuPy
     A_j      = G_j . [I | -J_j]
     v        = sum_j w_vj A_j [v_posed; 1] + transl
 
-The only deliberate difference from smplx is Rodrigues: smplx adds 1e-8 to the
-rotation vector before taking its norm; here small angles use a Taylor series, which
-is exact to float64 round-off and has a well-defined derivative at zero (the two
-differ by < 1e-7 in any rotation entry).
+The only deliberate difference from smplx is Rodrigues (:mod:`p3dmm.fitting.base.rotation`):
+small angles use a Taylor series instead of adding 1e-8 to the rotation vector.
+
+The functions take a :class:`~p3dmm.fitting.model.arrays.FlameArrays` (the arrays of a
+model file) and :class:`~p3dmm.fitting.model.params.FlameParams`; the model object users
+hold, :class:`~p3dmm.fitting.model.flame_model.FlameModel`, calls them.
 
 The backward functions are vector-Jacobian products: given dL/dv they return dL/d
 (shape, expr, pose, transl) without forming Jacobians. Cost is one transposed basis
@@ -25,15 +27,15 @@ product (15069 x 400) plus O(V) work.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-from .xp import get_array_module
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .flame_model import FlameModel, FlameParams
+from ..base.errors import InputError
+from ..base.rotation import rodrigues, rodrigues_jvp, rodrigues_vjp
+from ..base.xp import get_array_module, to_numpy
+from .arrays import FlameArrays
+from .params import FLAME_PARENTS, FlameParams
 
 __all__ = [
     "ForwardCache",
@@ -47,99 +49,9 @@ __all__ = [
     "regress_joints",
     "rigid_transforms",
     "rigid_transforms_vjp",
-    "rodrigues",
-    "rodrigues_vjp",
     "shaped_vertices",
     "dynamic_contour_bins",
 ]
-
-# Below this angle (radians) the Rodrigues coefficients use their Taylor series.
-_TAYLOR_THETA = 1e-2
-
-
-# --------------------------------------------------------------------------- Rodrigues
-def _rodrigues_coeffs(theta: Any, xp: Any) -> tuple[Any, Any, Any, Any]:
-    """Coefficients of R = I + a K + b K^2 and their scaled derivatives.
-
-    Args:
-        theta: ``(N,) float64`` rotation angles.
-
-    Returns:
-        a = sin t / t, b = (1 - cos t) / t^2, c = a'(t) / t, d = b'(t) / t, each ``(N,)``.
-    """
-    small = theta < _TAYLOR_THETA
-    t = xp.where(small, 1.0, theta)  # avoid 0/0 on the unused branch
-    t2 = theta * theta
-    s, co = xp.sin(t), xp.cos(t)
-    a = xp.where(small, 1.0 - t2 / 6.0 + t2 * t2 / 120.0, s / t)
-    b = xp.where(small, 0.5 - t2 / 24.0 + t2 * t2 / 720.0, (1.0 - co) / (t * t))
-    c = xp.where(small, -1.0 / 3.0 + t2 / 30.0 - t2 * t2 / 840.0, (t * co - s) / t**3)
-    d = xp.where(small, -1.0 / 12.0 + t2 / 180.0 - t2 * t2 / 6720.0, (t * s - 2.0 * (1.0 - co)) / t**4)
-    return a, b, c, d
-
-
-def _skew(r: Any) -> Any:
-    """``(N, 3)`` -> ``(N, 3, 3)`` cross-product matrices, ``skew(r) @ x = r x x``."""
-    xp = get_array_module(r)
-    z = xp.zeros_like(r[:, 0])
-    x, y, w = r[:, 0], r[:, 1], r[:, 2]
-    return xp.stack(
-        [xp.stack([z, -w, y], -1), xp.stack([w, z, -x], -1), xp.stack([-y, x, z], -1)],
-        axis=-2,
-    )
-
-
-def rodrigues(rvec: Any) -> Any:
-    """Axis-angle vectors to rotation matrices.
-
-    Args:
-        rvec: ``(N, 3)`` axis-angle vectors (angle = norm, radians).
-
-    Returns:
-        ``(N, 3, 3)`` rotation matrices in the dtype of ``rvec``.
-    """
-    xp = get_array_module(rvec)
-    r = rvec.astype(xp.float64)
-    theta = xp.sqrt((r * r).sum(-1))
-    a, b, _, _ = _rodrigues_coeffs(theta, xp)
-    K = _skew(r)
-    eye = xp.eye(3, dtype=xp.float64)
-    R = eye + a[:, None, None] * K + b[:, None, None] * (K @ K)
-    return R.astype(rvec.dtype)
-
-
-def rodrigues_vjp(rvec: Any, grad_R: Any) -> Any:
-    """Vector-Jacobian product of :func:`rodrigues`.
-
-    With K = skew(r), R = I + a K + b K^2 and K^2 = r r^T - t^2 I:
-    ``dL/dr = c <G,K> r + a w(G) + d <G,K^2> r + b (G r + G^T r - 2 tr(G) r)``
-    where ``w(G) = (G21 - G12, G02 - G20, G10 - G01)`` satisfies ``<G, skew(v)> = v . w(G)``.
-
-    Args:
-        rvec: ``(N, 3)`` axis-angle vectors.
-        grad_R: ``(N, 3, 3)`` dL/dR.
-
-    Returns:
-        ``(N, 3)`` dL/drvec in the dtype of ``rvec``.
-    """
-    xp = get_array_module(rvec)
-    r = rvec.astype(xp.float64)
-    G = grad_R.astype(xp.float64)
-    theta = xp.sqrt((r * r).sum(-1))
-    a, b, c, d = _rodrigues_coeffs(theta, xp)
-    w = xp.stack([G[:, 2, 1] - G[:, 1, 2], G[:, 0, 2] - G[:, 2, 0], G[:, 1, 0] - G[:, 0, 1]], -1)
-    trG = G[:, 0, 0] + G[:, 1, 1] + G[:, 2, 2]
-    Gr = xp.einsum("nij,nj->ni", G, r)  # (G r)[n, i] = sum_j G[n, i, j] r[n, j]
-    GTr = xp.einsum("nji,nj->ni", G, r)  # (G^T r)[n, i] = sum_j G[n, j, i] r[n, j]
-    rGr = (r * Gr).sum(-1)
-    g_K = (r * w).sum(-1)  # <G, K>
-    g_K2 = rGr - theta * theta * trG  # <G, r r^T - t^2 I>
-    out = (
-        (c * g_K + d * g_K2 - 2.0 * b * trG)[:, None] * r
-        + a[:, None] * w
-        + b[:, None] * (Gr + GTr)
-    )
-    return out.astype(rvec.dtype)
 
 
 # -------------------------------------------------------------------- blend shapes
@@ -288,7 +200,7 @@ class ParamGrads:
         return xp.concatenate([self.shape.ravel(), self.expr.ravel(), self.pose.ravel(), self.transl.ravel()])
 
 
-def _check_params(model: "FlameModel", params: "FlameParams") -> None:
+def _check_params(model: FlameArrays, params: FlameParams) -> None:
     want = {
         "shape": (model.n_shape,),
         "expr": (model.n_expr,),
@@ -302,7 +214,7 @@ def _check_params(model: "FlameModel", params: "FlameParams") -> None:
 
 
 def flame_forward(
-    model: "FlameModel", params: "FlameParams", shaped: tuple[Any, Any] | None = None
+    model: FlameArrays, params: FlameParams, shaped: tuple[Any, Any] | None = None
 ) -> tuple[Any, ForwardCache]:
     """Posed FLAME vertices.
 
@@ -332,7 +244,7 @@ def flame_forward(
     return verts, ForwardCache(pose=pose, R=R, J=J, GR=GR, posed_joints=Gt, v_posed=v_posed, TR=TR)
 
 
-def shaped_vertices(model: "FlameModel", params: "FlameParams") -> tuple[Any, Any]:
+def shaped_vertices(model: FlameArrays, params: FlameParams) -> tuple[Any, Any]:
     """Identity + expression shaped template ``(V, 3)`` and its joints ``(5, 3)``."""
     xp = get_array_module(model.v_template)
     dt = model.v_template.dtype
@@ -341,7 +253,7 @@ def shaped_vertices(model: "FlameModel", params: "FlameParams") -> tuple[Any, An
     return v_shaped, regress_joints(model.J_regressor, v_shaped)
 
 
-def flame_vjp(model: "FlameModel", cache: ForwardCache, grad_vertices: Any) -> ParamGrads:
+def flame_vjp(model: FlameArrays, cache: ForwardCache, grad_vertices: Any) -> ParamGrads:
     """Vector-Jacobian product of :func:`flame_forward`.
 
     Args:
@@ -400,7 +312,7 @@ def landmarks_from_embedding(vertices: Any, faces: Any, lmk_faces: Any, lmk_bary
     return (bary[:, :, None] * tri).sum(1)
 
 
-def dynamic_contour_bins(pose: Any, parents: np.ndarray = np.array([-1, 0, 1, 1, 1])) -> int:
+def dynamic_contour_bins(pose: Any, parents: np.ndarray = FLAME_PARENTS) -> int:
     """Yaw bin (0..78) of the dynamic contour embedding for a head pose.
 
     The yaw is taken from the composed rotation of the root and the neck (the chain
@@ -415,8 +327,6 @@ def dynamic_contour_bins(pose: Any, parents: np.ndarray = np.array([-1, 0, 1, 1,
     Returns:
         The bin index as a Python int.
     """
-    from .xp import to_numpy
-
     p = to_numpy(pose).astype(np.float64)
     Rs = rodrigues(p[:2])
     Rrel = Rs[0] @ Rs[1]
@@ -429,38 +339,10 @@ def dynamic_contour_bins(pose: Any, parents: np.ndarray = np.array([-1, 0, 1, 1,
 
 
 # ------------------------------------------------------------------ Jacobians
-def rodrigues_jvp(rvec: Any, direction: Any) -> Any:
-    """Directional derivative of :func:`rodrigues`.
-
-    Args:
-        rvec: ``(N, 3)`` axis-angle vectors.
-        direction: ``(D, N, 3)`` tangent directions.
-
-    Returns:
-        ``(D, N, 3, 3)``: ``dR = c (r.d) K + a [d]x + d_ (r.d) K^2 + b ([d]x K + K [d]x)``.
-    """
-    xp = get_array_module(rvec)
-    r = rvec.astype(xp.float64)
-    dirs = direction.astype(xp.float64)
-    theta = xp.sqrt((r * r).sum(-1))
-    a, b, c, d = _rodrigues_coeffs(theta, xp)
-    K = _skew(r)  # (N, 3, 3)
-    D = dirs.shape[0]
-    Kd = _skew(dirs.reshape(-1, 3)).reshape(D, -1, 3, 3)
-    rd = (dirs * r).sum(-1)  # (D, N)
-    out = (
-        (c * rd)[..., None, None] * K
-        + a[None, :, None, None] * Kd
-        + (d * rd)[..., None, None] * (K @ K)
-        + b[None, :, None, None] * (Kd @ K + K @ Kd)
-    )
-    return out.astype(rvec.dtype)
-
-
 _JS_CACHE: "dict[int, tuple[Any, Any]]" = {}
 
 
-def _joint_shape_basis(model: "FlameModel") -> Any:
+def _joint_shape_basis(model: FlameArrays) -> Any:
     """``(5, 3, K)`` derivative of the joints w.r.t. the blend-shape coefficients (cached)."""
     key = id(model.shapedirs)
     hit = _JS_CACHE.get(key)
@@ -474,7 +356,7 @@ def _joint_shape_basis(model: "FlameModel") -> Any:
     return js
 
 
-def flame_jacobian(model: "FlameModel", cache: ForwardCache, vertex_ids: Any = None) -> Any:
+def flame_jacobian(model: FlameArrays, cache: ForwardCache, vertex_ids: Any = None) -> Any:
     """Exact Jacobian of posed vertices w.r.t. ``[shape, expr, pose (15)]``.
 
     Forward-mode differentiation of :func:`flame_forward` (translation columns are the
@@ -533,35 +415,3 @@ def flame_jacobian(model: "FlameModel", cache: ForwardCache, vertex_ids: Any = N
     # dv[v, i, d] = sum_l dTR[v, d, i, l] vp[v, l] + dTt[v, d, i] + sum_l TR[v, i, l] dvp[v, l, d]
     Jp = (dTR @ vp[:, None, :, None])[..., 0].transpose(0, 2, 1) + dTt.transpose(0, 2, 1) + TR @ dvp
     return xp.concatenate([Jc, Jp], axis=2).astype(dt)
-
-
-def rotation_to_axis_angle(R: Any) -> Any:
-    """Inverse of :func:`rodrigues` for one rotation: ``(3, 3)`` -> ``(3,)`` axis-angle.
-
-    Through the unit quaternion (Shepperd's choice of the largest of w, x, y, z, made
-    with array selects so that CuPy input is never read on the host); the angle is in
-    [0, pi].
-    """
-    xp = get_array_module(R)
-    r = R.astype(xp.float64)
-    t = r[0, 0] + r[1, 1] + r[2, 2]
-    d = xp.stack([t, r[0, 0], r[1, 1], r[2, 2]])
-    # candidate quaternions (w, x, y, z), one per largest component
-    s0 = xp.sqrt(xp.maximum(1.0 + t, 1e-12)) * 2.0
-    s1 = xp.sqrt(xp.maximum(1.0 + r[0, 0] - r[1, 1] - r[2, 2], 1e-12)) * 2.0
-    s2 = xp.sqrt(xp.maximum(1.0 - r[0, 0] + r[1, 1] - r[2, 2], 1e-12)) * 2.0
-    s3 = xp.sqrt(xp.maximum(1.0 - r[0, 0] - r[1, 1] + r[2, 2], 1e-12)) * 2.0
-    q = xp.stack(
-        [
-            xp.stack([0.25 * s0, (r[2, 1] - r[1, 2]) / s0, (r[0, 2] - r[2, 0]) / s0, (r[1, 0] - r[0, 1]) / s0]),
-            xp.stack([(r[2, 1] - r[1, 2]) / s1, 0.25 * s1, (r[0, 1] + r[1, 0]) / s1, (r[0, 2] + r[2, 0]) / s1]),
-            xp.stack([(r[0, 2] - r[2, 0]) / s2, (r[0, 1] + r[1, 0]) / s2, 0.25 * s2, (r[1, 2] + r[2, 1]) / s2]),
-            xp.stack([(r[1, 0] - r[0, 1]) / s3, (r[0, 2] + r[2, 0]) / s3, (r[1, 2] + r[2, 1]) / s3, 0.25 * s3]),
-        ]
-    )[xp.argmax(d)]
-    q = q * xp.where(q[0] < 0, -1.0, 1.0)  # w >= 0: angle in [0, pi]
-    v = q[1:]
-    n = xp.sqrt((v * v).sum())
-    angle = 2.0 * xp.arctan2(n, q[0])
-    scale = xp.where(n > 1e-12, angle / xp.maximum(n, 1e-300), 2.0 / xp.maximum(q[0], 1e-300))
-    return (v * scale).astype(R.dtype)

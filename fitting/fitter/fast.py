@@ -1,14 +1,17 @@
-"""The fast solver: Levenberg-Marquardt with IRLS weights and analytic Jacobians.
+"""The ``"fast"`` solver: Levenberg-Marquardt with IRLS weights and analytic Jacobians.
 
 Both data terms are robust (the UV term sums 2D distances, not squares; the normal
 term is an L1 norm). Each iteration replaces them by their IRLS quadratic majorisers
 at the current state, ``|r| ~ r^2 / (2 max(|r|, eps))``, whose gradient equals the
 energy's gradient and whose Hessian is ``J^T W J`` with ``W = weight / max(|r|, eps)``.
-The gradient comes from :func:`p3dmm.fitting.energy.evaluate_energy` (checked against
-finite differences); this module only adds the Jacobians:
+The gradient comes from :func:`p3dmm.fitting.fitter.energy.evaluate_energy` (checked
+against finite differences), and so do the residuals (:func:`~.energy.uv_residuals`,
+:func:`~.energy.normal_residuals`) and the regulariser's curvature; this module only adds
+the Jacobians:
 
 * UV rows ``d pi(v) / d x`` for the active targets, from the exact FLAME vertex
-  Jacobian (:func:`p3dmm.fitting.lbs.flame_jacobian`) and the projection;
+  Jacobian (:func:`p3dmm.fitting.model.lbs.flame_jacobian`) and the projection's
+  (:meth:`Camera.project_camera_jacobian`);
 * normal rows ``d n_p / d x`` through face normals -> area-weighted vertex normals ->
   barycentric interpolation -> normalisation (-> head-space rotation), using sparse
   incidence matrices (scipy on the CPU, cupyx on the GPU).
@@ -21,7 +24,7 @@ and every pixel of the strided normal grid, with zero weights where inactive, an
 Jacobian of all vertex normals through a constant sparse incidence matrix), and the
 accept/reject decision, damping, best state and stopping rule are device arrays updated
 with ``where``. The host learns that the solver stopped through a
-:class:`~p3dmm.fitting.xp.LaggedFlag` (a non-blocking copy), so it may queue a few more
+:class:`~p3dmm.fitting.base.xp.LaggedFlag` (a non-blocking copy), so it may queue a few more
 iterations, which change nothing once the stop flag is set. On the CPU the same loop runs
 with the compact system (only active rows) and stops at once.
 """
@@ -30,19 +33,34 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .camera import FLAME_TO_OPENCV
-from .energy import EnergyTerms, FitState, Frame, NormalTargets, project, rendered_normals
-from .lbs import flame_forward, flame_jacobian, rodrigues, rodrigues_jvp
-from .xp import LaggedFlag, constant, get_array_module
+from ..base.camera import FLAME_TO_OPENCV
+from ..base.rotation import rodrigues_jvp, skew
+from ..base.xp import LaggedFlag, constant, get_array_module
+from ..model.lbs import flame_forward, flame_jacobian
+from ..model.params import N_JOINTS
+from .energy import (
+    EnergyTerms,
+    normal_residuals,
+    output_rotation,
+    regularizer_hessian_diagonal,
+    uv_residuals,
+)
+from .problem import FitProblem
+from .state import FitState, Frame, NormalTargets
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .fitter import _Context
-
-__all__ = ["levenberg_marquardt", "normal_equations"]
+__all__ = [
+    "STOP_REASONS",
+    "VertexJacobian",
+    "normal_equations",
+    "normal_jacobian",
+    "normal_jacobian_dense",
+    "solve_fast",
+    "strided_normals",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +76,20 @@ def _sparse(xp: Any) -> Any:
     return sp
 
 
-def _strided_normals(ctx: "_Context") -> NormalTargets:
-    """Normal targets restricted to every k-th row and column (the fast solver's L_n)."""
-    k = max(int(ctx.config.gn_normal_stride), 1)
+def strided_normals(normals: NormalTargets, stride: int) -> NormalTargets:
+    """Normal targets restricted to every ``stride``-th row and column (the fast solver's L_n)."""
+    k = max(int(stride), 1)
     if k == 1:
-        return ctx.normals
-    xp = ctx.xp
-    m = xp.zeros_like(ctx.normals.mask)
-    m[::k, ::k] = ctx.normals.mask[::k, ::k]
+        return normals
+    xp = get_array_module(normals.mask)
+    m = xp.zeros_like(normals.mask)
+    m[::k, ::k] = normals.mask[::k, ::k]
     Hr, Wr = m.shape
     grid = (xp.arange(0, Hr, k)[:, None] * Wr + xp.arange(0, Wr, k)[None, :]).reshape(-1)
-    return NormalTargets(normals=ctx.normals.normals, mask=m, space=ctx.normals.space, scale=ctx.normals.scale, grid=grid)
+    return NormalTargets(normals=normals.normals, mask=m, space=normals.space, grid=grid)
 
 
-class _VertexJacobian:
+class VertexJacobian:
     """FLAME vertex Jacobian rows, computed once per iteration.
 
     With ``everything`` (the fixed-shape GPU path) the rows of all vertices are computed
@@ -105,7 +123,7 @@ class _VertexJacobian:
 
 
 def normal_equations(
-    ctx: "_Context",
+    problem: FitProblem,
     state: FitState,
     frame: Frame,
     normals: NormalTargets,
@@ -128,75 +146,61 @@ def normal_equations(
     Returns:
         ``H (n, n)`` and ``g (n,)`` over :meth:`FitState.to_vector`'s layout.
     """
-    xp = ctx.xp
-    model = ctx.model
-    w = ctx.config.weights
+    xp = problem.xp
+    model = problem.model
+    w = problem.config.weights
     dt = model.v_template.dtype
-    H_img, W_img = ctx.size
+    H_img, W_img = problem.size
     S = float(max(H_img, W_img))
     n_s, n_e = model.n_shape, model.n_expr
-    nf = n_s + n_e + 15
+    nf = n_s + n_e + 3 * N_JOINTS  # FLAME columns of the state vector
     n = nf + 6  # + t (3), log_f, pp (2)
     if dense is None:
         dense = xp is not np
     verts, cache = forward if forward is not None else flame_forward(model, state.params())
     R0 = constant(xp, FLAME_TO_OPENCV, dt)
     H = xp.zeros((n, n), dtype=xp.float64)
-    jac = _VertexJacobian(model, cache, everything=dense)
+    jac = VertexJacobian(model, cache, everything=dense)
 
-    uv = ctx.uv
-    Xc, proj = project(state, verts[uv.vertex_ids])
-    r = (proj - uv.pixels) / S
-    rho = xp.sqrt((r * r).sum(-1))
-    active = frame.visible & (rho * S < w.uv_cap_px) & (Xc[:, 2] > 0)
-    if uv.valid is not None:
-        active = active & uv.valid
+    uv = problem.uv
+    res = uv_residuals(state, verts, uv, frame, w, problem.size)
+    active = res.active
     idx = xp.arange(active.shape[0]) if dense else xp.nonzero(active)[0]
     ids = uv.vertex_ids[idx]
 
     # ------------------------------------------------------------ normal rows
     if w.normal > 0:
-        Rg = rodrigues(state.pose[:1])[0]
-        R_out = Rg.T if normals.space == "head" else R0
+        R_out = output_rotation(state, normals.space)
         if dense:
             pix = normals.grid if normals.grid is not None else xp.arange(normals.mask.size)
-            cover = ((frame.face_id >= 0) & normals.mask).reshape(-1)[pix]
-            n_out, u, vsums, corners = rendered_normals(verts, model.faces, frame.face_id, frame.bary, pix, R_out)
-            d = normals.normals.reshape(-1, 3)[pix] - n_out
-            keep = cover & (xp.abs(d).mean(-1) < w.normal_outlier)
-            Jn = _normal_jacobian_dense(ctx, verts, jac, frame, pix, corners, u, vsums, R_out, state, normals.space)
-            _add_normal_rows(H, Jn, d, keep[:, None], w.normal / normals.n_pixels, eps_scale, nf)
+            nr = normal_residuals(verts, model.faces, frame, normals, pix, R_out, w)
+            Jn = normal_jacobian_dense(
+                problem, verts, jac, frame, pix, nr.corners, nr.u, nr.vertex_sums, R_out, state, normals.space
+            )
+            _add_normal_rows(H, Jn, nr.d, nr.keep[:, None], w.normal / normals.n_pixels, eps_scale, nf)
         else:
-            cover = (frame.face_id >= 0) & normals.mask
-            pix = xp.nonzero(cover.reshape(-1))[0]
+            pix = xp.nonzero(((frame.face_id >= 0) & normals.mask).reshape(-1))[0]
             if pix.size:
-                n_out, u, _, corners = rendered_normals(verts, model.faces, frame.face_id, frame.bary, pix, R_out)
-                d = normals.normals.reshape(-1, 3)[pix] - n_out
-                keep = xp.abs(d).mean(-1) < w.normal_outlier
-                kp = xp.nonzero(keep)[0]
+                nr = normal_residuals(verts, model.faces, frame, normals, pix, R_out, w)
+                kp = xp.nonzero(nr.keep)[0]
                 if kp.size:
-                    Jn = _normal_jacobian(
-                        ctx, verts, jac, frame, pix[kp], corners[kp], u[kp], R_out, state, normals.space, ids
+                    Jn = normal_jacobian(
+                        problem, verts, jac, frame, pix[kp], nr.corners[kp], nr.u[kp], R_out, state, normals.space, ids
                     )
-                    _add_normal_rows(H, Jn, d[kp], 1.0, w.normal / normals.n_pixels, eps_scale, nf)
+                    _add_normal_rows(H, Jn, nr.d[kp], 1.0, w.normal / normals.n_pixels, eps_scale, nf)
 
     # ---------------------------------------------------------------- UV rows
     if dense or idx.size:
-        Xa = Xc[idx]
-        f = xp.exp(state.log_f)
-        Z = Xa[:, 2]
-        zero = xp.zeros_like(Z)
-        # dp[v, k, :] = d proj_k / d Xc / S
-        dp = xp.stack(
-            [xp.stack([f / Z, zero, -f * Xa[:, 0] / Z**2], -1), xp.stack([zero, f / Z, -f * Xa[:, 1] / Z**2], -1)], 1
-        ) / S
+        Xa = res.points_cam[idx]
+        camera = state.camera(W_img, H_img)
+        dp = camera.project_camera_jacobian(Xa) / S  # dp[v, k, :] = d proj_k / d Xc / S
         Jv = jac.rows(ids)  # (A, 3, nf)
         J_flame = dp @ (R0 @ Jv)  # (A, 2, nf)
         J_t = dp  # (A, 2, 3)
-        J_f = (f * Xa[:, :2] / Z[:, None] / S)[:, :, None]  # (A, 2, 1)
+        J_f = ((camera.project_camera(Xa) - state.pp) / S)[:, :, None]  # (A, 2, 1): d proj / d log f
         J_pp = xp.broadcast_to(xp.eye(2, dtype=dt) / S, (idx.shape[0], 2, 2))
         J = xp.concatenate([J_flame, J_t, J_f, J_pp], 2).reshape(-1, n)
-        wt = (w.uv / uv.n_targets) / xp.maximum(rho[idx], _EPS_UV * eps_scale)
+        wt = (w.uv / uv.n_targets) / xp.maximum(res.rho[idx], _EPS_UV * eps_scale)
         if dense:
             wt = wt * active  # inactive rows (and Z <= 0, where J is not finite) weigh nothing
             J = xp.where(xp.repeat(active, 2)[:, None], J, 0.0)
@@ -204,15 +208,7 @@ def normal_equations(
         H += (Jw.T @ Jw).astype(xp.float64)
 
     # ------------------------------------------------------------ regulariser
-    reg = xp.zeros(n, dtype=xp.float64)
-    reg[:n_s] = 2 * w.identity
-    reg[n_s : n_s + n_e] = 2 * w.expression
-    pose_w = [0.0, w.neck, w.jaw, w.eyes, w.eyes]
-    for j in range(5):
-        reg[n_s + n_e + 3 * j : n_s + n_e + 3 * j + 3] = 2 * pose_w[j]
-    reg[nf + 3] = 2 * w.focal
-    reg[nf + 4 :] = 2 * w.principal / S**2
-    H += xp.diag(reg)
+    H += xp.diag(constant(xp, regularizer_hessian_diagonal(w, n_s, n_e, S), xp.float64))
     if energy.grad is None:
         raise ValueError("normal_equations: energy must be evaluated with_grad=True")
     return H, energy.grad.to_vector().astype(xp.float64)
@@ -229,10 +225,34 @@ def _add_normal_rows(H: Any, Jn: Any, d: Any, keep: Any, scale: Any, eps_scale: 
     H[:nf, :nf] += (Jw.T @ Jw).astype(xp.float64)
 
 
-def _normal_jacobian_dense(
-    ctx: "_Context",
+def _face_normal_jacobian(verts: Any, faces: Any, Jc: Any) -> Any:
+    """``(F, 3, nf)`` Jacobian of the unnormalised face normals ``e1 x e2``.
+
+    ``Jc`` holds the vertex Jacobian rows of ``faces.reshape(-1)`` (corner-major per face,
+    ``(3 F, 3, nf)``).
+    """
+    xp = get_array_module(verts)
+    F, nf = faces.shape[0], Jc.shape[2]
+    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
+    e1, e2 = v1 - v0, v2 - v0
+    # d(e1 x e2) = -[e2]x (dv1 - dv0) + [e1]x (dv2 - dv0)
+    #            = [e2 - e1]x dv0 - [e2]x dv1 + [e1]x dv2: one (3 x 9) @ (9 x nf) per face
+    K = xp.concatenate([skew(e2 - e1), -skew(e2), skew(e1)], axis=2)  # (F, 3, 9)
+    return K @ Jc.reshape(F, 9, nf)
+
+
+def _normalize_jacobian(m: Any, dm: Any) -> Any:
+    """Jacobian of ``m / |m|`` from ``dm = dm / dx``: ``(I - n n^T) / |m| @ dm`` per row."""
+    xp = get_array_module(m)
+    mnorm = xp.maximum(xp.sqrt((m * m).sum(-1)), 1e-12)
+    n = m / mnorm[:, None]
+    return ((xp.eye(3, dtype=dm.dtype) - n[:, :, None] * n[:, None, :]) / mnorm[:, None, None]) @ dm
+
+
+def normal_jacobian_dense(
+    problem: FitProblem,
     verts: Any,
-    jac: "_VertexJacobian",
+    jac: VertexJacobian,
     frame: Frame,
     pix: Any,
     corners: Any,
@@ -242,41 +262,31 @@ def _normal_jacobian_dense(
     state: FitState,
     space: str,
 ) -> Any:
-    """Fixed-shape twin of :func:`_normal_jacobian`: the Jacobian of every vertex normal
+    """Fixed-shape twin of :func:`normal_jacobian`: the Jacobian of every vertex normal
     (all faces, a constant sparse vertex-face incidence product), then one gather per
     barycentric corner. Pixels on no face get finite rows (their weight is zero)."""
-    xp = ctx.xp
-    faces = ctx.model.faces
+    faces = problem.model.faces
     dt = verts.dtype
     F = faces.shape[0]
     Jall = jac.rows(None)  # (V, 3, nf)
     nf = Jall.shape[2]
-    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
-    e1, e2 = v1 - v0, v2 - v0
-    from .lbs import _skew
-
-    K = xp.concatenate([_skew(e2 - e1), -_skew(e2), _skew(e1)], axis=2)  # (F, 3, 9)
-    dfn = K @ Jall[faces].reshape(F, 9, nf)  # (F, 3, nf)
-    dm = (_incidence(ctx) @ dfn.reshape(F, 3 * nf)).reshape(-1, 3, nf)  # (V, 3, nf)
-    mnorm = xp.maximum(xp.sqrt((vsums * vsums).sum(-1)), 1e-12)
-    nv = vsums / mnorm[:, None]
-    dnv = ((xp.eye(3, dtype=dt) - nv[:, :, None] * nv[:, None, :]) / mnorm[:, None, None]) @ dm  # (V, 3, nf)
+    dfn = _face_normal_jacobian(verts, faces, Jall[faces].reshape(3 * F, 3, nf))  # (F, 3, nf)
+    dm = (_incidence(problem) @ dfn.reshape(F, 3 * nf)).reshape(-1, 3, nf)  # (V, 3, nf)
+    dnv = _normalize_jacobian(vsums, dm)  # (V, 3, nf)
     b = frame.bary.reshape(-1, 3)[pix].astype(dt)
     du = b[:, 0, None, None] * dnv[corners[:, 0]]
     du = du + b[:, 1, None, None] * dnv[corners[:, 1]]
     du = du + b[:, 2, None, None] * dnv[corners[:, 2]]
-    return _finish_normal_jacobian(ctx, du, u, R_out, state, space)
+    return _finish_normal_jacobian(problem, du, u, R_out, state, space)
 
 
-def _finish_normal_jacobian(ctx: "_Context", du: Any, u: Any, R_out: Any, state: FitState, space: str) -> Any:
+def _finish_normal_jacobian(problem: FitProblem, du: Any, u: Any, R_out: Any, state: FitState, space: str) -> Any:
     """From ``du = d u / d params`` (unnormalised interpolated normal) to ``d(-n_out)``."""
-    xp = ctx.xp
-    model = ctx.model
+    xp = problem.xp
+    model = problem.model
     dt = du.dtype
-    unorm = xp.maximum(xp.sqrt((u * u).sum(-1)), 1e-12)
-    nw = u / unorm[:, None]
-    Pu = (xp.eye(3, dtype=dt) - nw[:, :, None] * nw[:, None, :]) / unorm[:, None, None]
-    dn = R_out @ (Pu @ du)  # (P, 3, nf)
+    nw = u / xp.maximum(xp.sqrt((u * u).sum(-1)), 1e-12)[:, None]
+    dn = R_out @ _normalize_jacobian(u, du)  # (P, 3, nf)
     if space == "head":
         # n_out = Rg^T n: extra dependence on the global rotation, pose columns 0..2
         n_s_e = model.n_shape + model.n_expr
@@ -287,10 +297,10 @@ def _finish_normal_jacobian(ctx: "_Context", du: Any, u: Any, R_out: Any, state:
     return -dn  # residual d = N - n_out
 
 
-def _normal_jacobian(
-    ctx: "_Context",
+def normal_jacobian(
+    problem: FitProblem,
     verts: Any,
-    jac: _VertexJacobian,
+    jac: VertexJacobian,
     frame: Frame,
     pix: Any,
     corners: Any,
@@ -305,41 +315,29 @@ def _normal_jacobian(
     ``extra_ids`` are vertices whose Jacobian rows will be needed next (the UV term's):
     they are computed in the same :func:`flame_jacobian` call.
     """
-    xp = ctx.xp
+    xp = problem.xp
     sp = _sparse(xp)
-    model = ctx.model
+    model = problem.model
     faces = model.faces
     V = model.n_vertices
     dt = verts.dtype
     P = pix.shape[0]
     # vertices whose normals are interpolated, and the faces around them
     used = xp.unique(corners.reshape(-1))
-    inc = _incidence(ctx)  # (V, F) vertex-face incidence
+    inc = _incidence(problem)  # (V, F) vertex-face incidence
     sub = inc[used]  # (U, F)
     fsel = xp.unique(sub.indices)
     sub = sub[:, fsel]  # (U, Fn)
     fv = faces[fsel]  # (Fn, 3)
     vids = fv.reshape(-1)
     jac.ensure(vids if extra_ids is None else xp.concatenate([vids, extra_ids]))
-    Fn = fv.shape[0]
     Jc = jac.rows(fv.reshape(-1))  # (3 Fn, 3, nf): corner-major per face
     nf = Jc.shape[2]
-    v0, v1, v2 = verts[fv[:, 0]], verts[fv[:, 1]], verts[fv[:, 2]]
-    e1, e2 = v1 - v0, v2 - v0
-    from .lbs import _skew
-
-    # d(e1 x e2) = -[e2]x (dv1 - dv0) + [e1]x (dv2 - dv0)
-    #            = [e2 - e1]x dv0 - [e2]x dv1 + [e1]x dv2: one (3 x 9) @ (9 x nf) per face
-    K = xp.concatenate([_skew(e2 - e1), -_skew(e2), _skew(e1)], axis=2)  # (Fn, 3, 9)
-    dfn = K @ Jc.reshape(Fn, 9, nf)  # (Fn, 3, nf)
+    dfn = _face_normal_jacobian(verts, fv, Jc)  # (Fn, 3, nf)
     dm = (sub @ dfn.reshape(dfn.shape[0], -1)).reshape(-1, 3, nf)  # (U, 3, nf)
     # unnormalised vertex normals of the used vertices
-    fn = xp.cross(e1, e2)
-    m = (sub @ fn).reshape(-1, 3)
-    mnorm = xp.maximum(xp.sqrt((m * m).sum(-1)), 1e-12)
-    nv = m / mnorm[:, None]
-    Pm = (xp.eye(3, dtype=dt) - nv[:, :, None] * nv[:, None, :]) / mnorm[:, None, None]
-    dnv = Pm @ dm  # (U, 3, nf)
+    fn = xp.cross(verts[fv[:, 1]] - verts[fv[:, 0]], verts[fv[:, 2]] - verts[fv[:, 0]])
+    dnv = _normalize_jacobian((sub @ fn).reshape(-1, 3), dm)  # (U, 3, nf)
     # barycentric interpolation as a sparse (P, U) matrix
     uloc = xp.full(V, -1, dtype=xp.int64)
     uloc[used] = xp.arange(used.shape[0])
@@ -348,41 +346,41 @@ def _normal_jacobian(
         (b.reshape(-1), (xp.repeat(xp.arange(P), 3), uloc[corners.reshape(-1)])), shape=(P, used.shape[0])
     )
     du = (Bm @ dnv.reshape(dnv.shape[0], -1)).reshape(P, 3, nf)
-    return _finish_normal_jacobian(ctx, du, u, R_out, state, space)
+    return _finish_normal_jacobian(problem, du, u, R_out, state, space)
 
 
 _INCIDENCE: dict[int, tuple[Any, Any]] = {}
 
 
-def _incidence(ctx: "_Context") -> Any:
+def _incidence(problem: FitProblem) -> Any:
     """Vertex-face incidence (V, F) CSR with ones, cached per faces array.
 
     Built with SciPy from the host faces and uploaded as a whole on the GPU (building a
     cupyx matrix from COO or CSR arrays would read sizes back from the device).
     """
-    faces = ctx.model.faces
+    faces = problem.model.faces
     key = id(faces)
     hit = _INCIDENCE.get(key)
     if hit is not None and hit[0] is faces:
         return hit[1]
     import scipy.sparse
 
-    host_faces = np.asarray(ctx.host_faces)
+    host_faces = np.asarray(problem.host_faces)
     F = host_faces.shape[0]
     inc = scipy.sparse.csr_matrix(
-        (np.ones(3 * F, dtype=ctx.model.v_template.dtype), (host_faces.T.reshape(-1), np.tile(np.arange(F), 3))),
-        shape=(ctx.model.n_vertices, F),
+        (np.ones(3 * F, dtype=problem.model.v_template.dtype), (host_faces.T.reshape(-1), np.tile(np.arange(F), 3))),
+        shape=(problem.model.n_vertices, F),
     )
     inc.sum_duplicates()
-    if ctx.xp is not np:
-        inc = _sparse(ctx.xp).csr_matrix(inc)
+    if problem.xp is not np:
+        inc = _sparse(problem.xp).csr_matrix(inc)
         inc.has_canonical_format = True  # true by construction; cupyx would check on the device
     _INCIDENCE.clear()
     _INCIDENCE[key] = (faces, inc)
     return inc
 
 
-#: ``levenberg_marquardt``'s stop reasons by device code (0: still running).
+#: :func:`solve_fast`'s stop reasons by device code (0: still running).
 STOP_REASONS = ("max_iterations", "tolerance", "no_decrease", "non_finite")
 
 
@@ -392,7 +390,7 @@ def _select(cond: Any, a: FitState, b: FitState) -> FitState:
     return FitState(*(xp.where(cond, getattr(a, k), getattr(b, k)) for k in FitState.NAMES))
 
 
-def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, Any, Any]:
+def solve_fast(problem: FitProblem, state: FitState) -> tuple[FitState, Any, Any]:
     """Minimise the energy from ``state``.
 
     Each pass tries one damped step from the latest linearisation; an accepted step is
@@ -403,14 +401,14 @@ def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, Any
         (state, iterations, stop code): the best state seen after a re-render; the
         number of passes (tried steps) before the stop; an index into
         :data:`STOP_REASONS`: ``"tolerance"`` (two re-renders in a row lowered the
-        energy by less than ``gn_tolerance`` relative to the best), ``"no_decrease"``
+        energy by less than ``fast_tolerance`` relative to the best), ``"no_decrease"``
         (eight damped steps in a row were rejected), ``"non_finite"`` (the energy at a
-        re-render is NaN/inf) or ``"max_iterations"`` (``gn_iterations`` passes). The
+        re-render is NaN/inf) or ``"max_iterations"`` (``fast_iterations`` passes). The
         last two are 0-d arrays of the fitting device.
     """
-    xp = ctx.xp
-    cfg = ctx.config
-    normals = _strided_normals(ctx)
+    xp = problem.xp
+    cfg = problem.config
+    normals = strided_normals(problem.normals, cfg.fast_normal_stride)
     dense = xp is not np
     stop = LaggedFlag(xp)
     f64 = xp.float64
@@ -432,18 +430,18 @@ def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, Any
     dH: Any = None
     x0: Any = None
     linearisations = 0
-    for _ in range(cfg.gn_iterations):
+    for _ in range(cfg.fast_iterations):
         if relinearise:
             linearisations += 1
-            fwd = flame_forward(ctx.model, state.params())
-            frame = ctx.render(state, fwd[0])
-            e = ctx.energy(state, frame, normals=normals, forward=fwd)
-            ctx.record("lm", linearisations, e, skip=done | ~fresh)
+            fwd = flame_forward(problem.model, state.params())
+            frame = problem.render(state, fwd[0])
+            e = problem.energy(state, frame, normals=normals, forward=fwd)
+            problem.record("fast", linearisations, e, skip=done | ~fresh)
             e_total = e.total.astype(f64)
             # re-linearising an unchanged (rejected) state repeats the previous numbers:
             # only a fresh state counts towards the stopping rule
             finite = xp.isfinite(e_total)
-            stale = xp.where(fresh, xp.where(e_total <= best_total * (1.0 - cfg.gn_tolerance), 0, stale + 1), stale)
+            stale = xp.where(fresh, xp.where(e_total <= best_total * (1.0 - cfg.fast_tolerance), 0, stale + 1), stale)
             better = fresh & finite & (e_total < best_total)
             best_state = _select(better, state, best_state)
             best_total = xp.where(better, e_total, best_total)
@@ -453,16 +451,16 @@ def levenberg_marquardt(ctx: "_Context", state: FitState) -> tuple[FitState, Any
             if stop.poll(done):
                 break
             n_fresh = n_fresh + fresh  # linearisations at new states: the IRLS floor schedule's clock
-            floors = xp.maximum(1.0, cfg.gn_irls_floor_start * cfg.gn_irls_floor_decay ** (n_fresh - 1).astype(f64))
-            floors = floors.astype(ctx.model.v_template.dtype)  # a float64 0-d array would promote the weights
-            H, g = normal_equations(ctx, state, frame, normals, e, forward=fwd, eps_scale=floors, dense=dense)
+            floors = xp.maximum(1.0, cfg.fast_irls_floor_start * cfg.fast_irls_floor_decay ** (n_fresh - 1).astype(f64))
+            floors = floors.astype(problem.model.v_template.dtype)  # a float64 0-d array would promote the weights
+            H, g = normal_equations(problem, state, frame, normals, e, forward=fwd, eps_scale=floors, dense=dense)
             x0 = state.to_vector()
             dH = xp.diag(H).copy()
         passes = passes + ~done
         A = H + mu * xp.diag(dH + 1e-9 * dH.max())
         step = -xp.linalg.solve(A, g)
         cand = state.from_vector((x0 + step).astype(x0.dtype))
-        ec_total = ctx.energy(cand, frame, with_grad=False, normals=normals).total.astype(f64)
+        ec_total = problem.energy(cand, frame, with_grad=False, normals=normals).total.astype(f64)
         accept = ~done & xp.isfinite(ec_total) & (ec_total < e_total)
         state = _select(accept, cand, state)
         mu = xp.where(accept, xp.maximum(mu / 3.0, 1e-7), xp.where(done, mu, mu * 8.0))

@@ -1,8 +1,8 @@
 """Triangle rasterization: per-pixel face id, perspective-correct barycentrics, depth.
 
 One public function, :func:`rasterize`, with two implementations of the same
-algorithm: numba on the CPU (NumPy input) and CUDA (``kernels/rasterize.cu``) on the
-GPU (CuPy input). They compute the same thing with the same arithmetic, so face ids
+algorithm: numba on the CPU (NumPy input) and CUDA (``rasterize.cu`` beside this
+module) on the GPU (CuPy input). They compute the same thing with the same arithmetic, so face ids
 agree exactly and barycentrics/depth agree to the last bit in practice.
 
 Algorithm (both backends):
@@ -21,7 +21,7 @@ Algorithm (both backends):
 
 Conventions:
     * Pixel (row i, column j) is sampled at its centre ``(x, y) = (j, i)`` (OpenCV,
-      see :mod:`p3dmm.fitting.camera`).
+      see :mod:`p3dmm.fitting.base.camera`).
     * Fill rule: coverage is decided on the snapped positions with exact integer
       arithmetic; a pixel centre exactly on an edge belongs to the face for which that
       edge is a *top* edge (horizontal, interior below) or a *left* edge (interior to
@@ -51,14 +51,16 @@ Conventions:
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .camera import Camera
-from .errors import BackendUnavailableError, InputError
-from .xp import asarray_on, get_array_module
+from ..base import cuda
+from ..base.camera import Camera
+from ..base.errors import BackendUnavailableError, InputError
+from ..base.xp import asarray_on, cupy_or_raise, get_array_module
 
 __all__ = ["Fragments", "rasterize", "SUBPIXEL_BITS", "GUARD_BAND_PX", "DEFAULT_NEAR"]
 
@@ -107,9 +109,7 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def _check_inputs(
-    verts_cam: Any, faces: Any, camera: Any, height: Any, width: Any, near: Any
-) -> tuple[int, int, float]:
+def _check_inputs(verts_cam: Any, faces: Any, camera: Any, near: Any) -> tuple[int, int, float]:
     """Check :func:`rasterize`'s arguments; return ``(height, width, near)`` as Python numbers."""
     fn = "rasterize"
     if not hasattr(verts_cam, "shape") or not hasattr(verts_cam, "dtype"):
@@ -134,8 +134,9 @@ def _check_inputs(
         f = float(np.asarray(camera.focal).reshape(()))
         if not (np.isfinite(f) and f > 0):
             raise InputError(f"{fn}: camera.focal is {f}, expected a finite positive focal length in pixels")
+    height, width = camera.height, camera.width
     if not (_is_int(height) and _is_int(width)) or int(height) <= 0 or int(width) <= 0:
-        raise InputError(f"{fn}: height, width = {height!r}, {width!r}, expected positive integers")
+        raise InputError(f"{fn}: camera size {width!r}x{height!r}, expected positive integers")
     if int(height) * int(width) >= 2**31:
         raise InputError(f"{fn}: image {height}x{width} has >= 2**31 pixels")
     if not isinstance(near, (int, float, np.integer, np.floating)) or not (np.isfinite(near) and near > 0):
@@ -150,8 +151,8 @@ def rasterize(
     verts_cam: Any,
     faces: Any,
     camera: Camera,
-    height: int,
-    width: int,
+    height: int | None = None,
+    width: int | None = None,
     cull_backfaces: bool = False,
     near: float = DEFAULT_NEAR,
 ) -> Fragments:
@@ -166,10 +167,12 @@ def rasterize(
             z forward, metres); float64 is accepted too (computed in float64 either way).
         faces: ``(F, 3)`` int32/int64 vertex indices; moved to ``verts_cam``'s device
             if needed.
-        camera: only its intrinsics (``focal``, ``principal``) are used; they must
-            describe a ``height x width`` image.
-        height: image rows H.
-        width: image columns W.
+        camera: its intrinsics (``focal``, ``principal``) and its image size
+            (``height x width``) are used; the extrinsics are not (the vertices are
+            already in the camera frame). For another resolution pass
+            ``camera.scaled(width, height)``.
+        height, width: deprecated; the image size is ``camera.height x camera.width``.
+            When given they must equal it.
         cull_backfaces: drop faces whose projection is clockwise as displayed (normal
             pointing away from the camera).
         near: faces with a vertex at ``z <= near`` metres are skipped (no clipping).
@@ -184,7 +187,20 @@ def rasterize(
             synchronising to check).
         BackendUnavailableError: numba (CPU) or a CUDA device (GPU) is missing.
     """
-    height, width, near = _check_inputs(verts_cam, faces, camera, height, width, near)
+    if height is not None or width is not None:
+        if not (_is_int(height) and _is_int(width)) or int(height) <= 0 or int(width) <= 0:  # type: ignore[arg-type]
+            raise InputError(f"rasterize: height, width = {height!r}, {width!r}, expected positive integers")
+        if (height, width) != (getattr(camera, "height", None), getattr(camera, "width", None)):
+            raise InputError(
+                f"rasterize: height, width = {height!r}, {width!r} differ from the camera's "
+                f"{getattr(camera, 'height', '?')}x{getattr(camera, 'width', '?')}; pass camera.scaled(width, height)"
+            )
+        warnings.warn(
+            "rasterize(..., height, width) is deprecated: the camera carries the image size",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    height, width, near = _check_inputs(verts_cam, faces, camera, near)
     xp = get_array_module(verts_cam)
     verts64 = xp.ascontiguousarray(verts_cam, dtype=xp.float64)
     faces32 = xp.ascontiguousarray(asarray_on(xp, faces), dtype=xp.int32)
@@ -208,7 +224,7 @@ def rasterize(
 # importing p3dmm.fitting does not import numba. The kernels call the helpers through
 # module globals that _cpu_kernels() rebinds to their jitted versions before the
 # kernels are compiled. Each function mirrors the CUDA function of the same name in
-# kernels/rasterize.cu, with the same operation order.
+# rasterize.cu, with the same operation order.
 
 
 def _perspective_weights(u0, v0, u1, v1, u2, v2, z0, z1, z2, px, py):  # type: ignore[no-untyped-def]
@@ -413,12 +429,9 @@ def _rasterize_cpu(
 
 
 def _rasterize_cuda(verts: Any, faces: Any, intr: Any, height: int, width: int, cull: bool, near: float) -> Fragments:
-    """Launch the kernels of ``kernels/rasterize.cu`` (arrays already on the device)."""
-    from .kernels._cuda import load_module
-    from .xp import cupy_or_raise
-
+    """Launch the kernels of ``rasterize.cu`` (arrays already on the device)."""
     cp = cupy_or_raise()
-    module = load_module("rasterize", defines=_CUDA_DEFINES, options=_CUDA_OPTIONS)
+    module = cuda.load_module("p3dmm.fitting.render", "rasterize", defines=_CUDA_DEFINES, options=_CUDA_OPTIONS)
     for name, arr, dtype in (("verts", verts, cp.float64), ("faces", faces, cp.int32), ("intr", intr, cp.float64)):
         if arr.dtype != dtype or not arr.flags.c_contiguous:  # pragma: no cover - guaranteed by rasterize()
             raise InputError(f"rasterize (cuda): {name} must be C-contiguous {np.dtype(dtype)}, got {arr.dtype}")

@@ -103,6 +103,51 @@ class Camera:
         """World ``(N, 3)`` -> pixel coordinates ``(N, 2)``."""
         return self.project_camera(self.to_camera(points))
 
+    def project_camera_jacobian(self, points_cam: Any) -> Any:
+        """``(N, 2, 3)`` derivative of :meth:`project_camera` w.r.t. the camera-frame points.
+
+        ``J[n, k, :] = d pixel_k / d x_cam = f / z * e_k - f * x_k / z^2 * e_z``.
+        """
+        xp = get_array_module(points_cam)
+        f = asarray_on(xp, self.focal, points_cam.dtype)
+        x, y, z = points_cam[:, 0], points_cam[:, 1], points_cam[:, 2]
+        zero = xp.zeros_like(z)
+        fz = f / z
+        return xp.stack(
+            [xp.stack([fz, zero, -fz * x / z], -1), xp.stack([zero, fz, -fz * y / z], -1)], 1
+        )
+
+    def scaled(self, width: int, height: int) -> "Camera":
+        """The same view for an image of ``width x height`` pixels (pixel-centre convention).
+
+        Focal and principal point scale by ``width / self.width`` about the pixel corner
+        ``(-0.5, -0.5)``: ``c' = (c + 0.5) * s - 0.5``. Computed in float64 and cast back to
+        the camera's dtype; arrays stay on their device (nothing is read back).
+
+        Raises:
+            InputError: the aspect ratio changes, or the size is not positive.
+        """
+        if (int(width), int(height)) == (self.width, self.height):
+            return self
+        if int(width) <= 0 or int(height) <= 0:
+            raise InputError(f"Camera.scaled: size {width}x{height}, expected positive integers")
+        sx, sy = width / self.width, height / self.height
+        if abs(sx - sy) > 1e-6:
+            raise InputError(
+                f"Camera.scaled: {width}x{height} changes the camera's aspect ratio ({self.width}x{self.height})"
+            )
+        xp = get_array_module(self.principal, self.focal)
+        dtype = getattr(self.principal, "dtype", np.float32)
+        c = asarray_on(xp, self.principal, np.float64)
+        return Camera(
+            focal=(asarray_on(xp, self.focal, np.float64) * sx).astype(dtype),
+            principal=((c + 0.5) * sx - 0.5).astype(dtype),
+            R=self.R,
+            t=self.t,
+            width=int(width),
+            height=int(height),
+        )
+
     def astype(self, xp: Any, dtype: Any = np.float32) -> "Camera":
         return Camera(
             focal=asarray_on(xp, self.focal, dtype),

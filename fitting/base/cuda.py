@@ -1,6 +1,9 @@
-"""Load the CUDA sources in :mod:`p3dmm.fitting.kernels` into ``cupy.RawModule``.
+"""Load CUDA sources shipped beside their launch code into ``cupy.RawModule``.
 
-Kernel sources are plain ``.cu`` files shipped as package data. Compile-time
+A kernel lives as a plain ``.cu`` file (package data) in the package of the Python module
+that validates its inputs and launches it: ``render/rasterize.cu`` beside
+``render/raster.py``, ``fitter/uv_nn.cu`` beside ``fitter/uv_nn.py``; each has a CPU twin
+in that module. A kernel is named by its package and file stem. Compile-time
 constants are not pasted into the source text by hand: :func:`kernel_source`
 prepends a generated ``#define`` preamble, followed by a ``#line 1`` directive so
 compiler messages still point at the file's own line numbers. A ``.cu`` file
@@ -9,12 +12,12 @@ should give every constant it uses a default with ``#ifndef NAME / #define NAME
 compiles each file without a preamble).
 
 :func:`load_module` compiles lazily and memoises one module per
-``(device id, name, defines, options)``; it is thread-safe. Only it imports CuPy.
+``(device id, package, name, defines, options)``; it is thread-safe. Only it imports CuPy.
 
 Example::
 
-    from p3dmm.fitting.kernels._cuda import load_module
-    mod = load_module("uv_nn", defines={"BLOCK": 256, "RADIUS": 0.01})
+    from p3dmm.fitting.base.cuda import load_module
+    mod = load_module("p3dmm.fitting.fitter", "uv_nn", defines={"BLOCK": 256, "RADIUS": 0.01})
     kernel = mod.get_function("uv_nn_search")
 """
 
@@ -26,14 +29,16 @@ import threading
 from importlib import resources
 from typing import Any, Mapping, Sequence
 
-from ..errors import InputError
+from .errors import InputError
+from .xp import cupy_or_raise
 
-__all__ = ["DEFAULT_OPTIONS", "kernel_source", "load_module", "read_kernel_file", "define_preamble"]
+__all__ = ["DEFAULT_OPTIONS", "KERNEL_PACKAGES", "define_preamble", "kernel_source", "load_module", "read_kernel_file"]
 
 #: NVRTC options every module is compiled with unless the caller passes its own.
 DEFAULT_OPTIONS: tuple[str, ...] = ("--std=c++17",)
 
-_PACKAGE = "p3dmm.fitting.kernels"
+#: The packages that ship ``.cu`` sources (the compile tests check every file in them).
+KERNEL_PACKAGES = ("p3dmm.fitting.render", "p3dmm.fitting.fitter")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -43,10 +48,11 @@ _lock = threading.Lock()
 Define = int | float | bool
 
 
-def read_kernel_file(name: str) -> str:
-    """Text of ``p3dmm/fitting/kernels/<name>.cu``.
+def read_kernel_file(package: str, name: str) -> str:
+    """Text of ``<name>.cu`` shipped in ``package``.
 
     Args:
+        package: e.g. ``"p3dmm.fitting.render"``.
         name: file stem, e.g. ``"rasterize"``.
 
     Raises:
@@ -54,9 +60,9 @@ def read_kernel_file(name: str) -> str:
     """
     if not isinstance(name, str) or not _NAME.match(name):
         raise InputError(f"kernel name must be a file stem like 'rasterize', got {name!r}")
-    res = resources.files(_PACKAGE).joinpath(f"{name}.cu")
+    res = resources.files(package).joinpath(f"{name}.cu")
     if not res.is_file():
-        raise InputError(f"no CUDA source {name}.cu in {_PACKAGE}")
+        raise InputError(f"no CUDA source {name}.cu in {package}")
     return res.read_text(encoding="utf-8")
 
 
@@ -97,28 +103,31 @@ def define_preamble(defines: Mapping[str, Define] | None) -> str:
     return "".join(lines)
 
 
-def kernel_source(name: str, defines: Mapping[str, Define] | None = None) -> str:
+def kernel_source(package: str, name: str, defines: Mapping[str, Define] | None = None) -> str:
     """Final source text handed to NVRTC: define preamble, ``#line 1``, the file.
 
     Pure function (no CuPy, no GPU); :func:`load_module` compiles exactly this text.
 
     Args:
-        name: file stem of ``p3dmm/fitting/kernels/<name>.cu``.
+        package: the package that ships the file.
+        name: file stem of ``<name>.cu``.
         defines: compile-time constants prepended as ``#define`` lines.
     """
-    body = read_kernel_file(name)
+    body = read_kernel_file(package, name)
     return f"{define_preamble(defines)}#line 1 \"{name}.cu\"\n{body}"
 
 
 def load_module(
+    package: str,
     name: str,
     defines: Mapping[str, Define] | None = None,
     options: Sequence[str] | None = None,
 ) -> Any:
-    """Compiled ``cupy.RawModule`` for ``<name>.cu`` on the current CUDA device (memoised).
+    """Compiled ``cupy.RawModule`` for ``<name>.cu`` of ``package`` on the current CUDA device (memoised).
 
     Args:
-        name: file stem of ``p3dmm/fitting/kernels/<name>.cu``.
+        package: the package that ships the file.
+        name: file stem of ``<name>.cu``.
         defines: compile-time constants prepended as ``#define`` lines.
         options: NVRTC options; default :data:`DEFAULT_OPTIONS`.
 
@@ -130,17 +139,15 @@ def load_module(
         BackendUnavailableError: CuPy is not installed or no CUDA device is usable.
         InputError: bad name or defines.
     """
-    from ..xp import cupy_or_raise
-
     cp = cupy_or_raise()
     opts = tuple(DEFAULT_OPTIONS if options is None else options)
     key_defines = tuple(sorted((k, _literal(k, v)) for k, v in (defines or {}).items()))
     device_id = cp.cuda.Device().id
-    key = (device_id, name, key_defines, opts)
+    key = (device_id, package, name, key_defines, opts)
     with _lock:
         module = _modules.get(key)
         if module is None:
-            source = kernel_source(name, defines)
+            source = kernel_source(package, name, defines)
             module = cp.RawModule(code=source, options=opts)
             module.compile()  # compile now, under the lock, so errors surface here
             _modules[key] = module

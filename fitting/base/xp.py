@@ -12,9 +12,18 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, InputError
 
-__all__ = ["get_array_module", "cupy_or_raise", "to_numpy", "device_of", "asarray_on", "constant", "LaggedFlag"]
+__all__ = [
+    "LaggedFlag",
+    "asarray_on",
+    "constant",
+    "cupy_or_raise",
+    "download",
+    "get_array_module",
+    "resolve_device",
+    "to_numpy",
+]
 
 
 def get_array_module(*arrays: Any) -> ModuleType:
@@ -54,13 +63,25 @@ def cupy_or_raise() -> ModuleType:
     return cp
 
 
-def device_of(device: str) -> ModuleType:
-    """Array module for a device name: ``"cpu"`` -> numpy, ``"cuda"`` -> cupy."""
+def resolve_device(device: str | ModuleType) -> ModuleType:
+    """The array module of a device: ``"cpu"`` -> numpy, ``"cuda"`` / ``"gpu"`` -> cupy.
+
+    Resolve the device once at the boundary (e.g. in :func:`~p3dmm.fitting.fit`) and pass
+    the returned module down; an array module passed in is returned as it is.
+
+    Raises:
+        InputError: an unknown device name.
+        BackendUnavailableError: ``"cuda"`` without CuPy or without a usable CUDA device.
+    """
+    if isinstance(device, ModuleType):
+        if device is np or device.__name__ == "cupy":
+            return device
+        raise InputError(f"device must be 'cpu', 'cuda' or the numpy/cupy module, got module {device.__name__!r}")
     if device == "cpu":
         return np
     if device in ("cuda", "gpu"):
         return cupy_or_raise()
-    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    raise InputError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -75,6 +96,19 @@ def asarray_on(xp: ModuleType, x: Any, dtype: Any = None) -> Any:
     if xp is np:
         return np.asarray(to_numpy(x), dtype=dtype)
     return xp.asarray(x, dtype=dtype)
+
+
+def download(xp: ModuleType, **arrays: Any) -> dict[str, np.ndarray]:
+    """Copy several device arrays to the host in one transfer (float64; shapes kept)."""
+    if xp is np:
+        return {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
+    flat = [xp.asarray(v, dtype=xp.float64).reshape(-1) for v in arrays.values()]
+    host = xp.concatenate(flat).get()
+    out, k0 = {}, 0
+    for (k, v), f in zip(arrays.items(), flat):
+        out[k] = host[k0 : k0 + f.shape[0]].reshape(v.shape)
+        k0 += f.shape[0]
+    return out
 
 
 _CONSTANTS: dict[tuple[Any, ...], Any] = {}

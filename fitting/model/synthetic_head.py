@@ -42,8 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-from .flame_model import FLAME_PARENTS, FlameModel, FlameUV, LandmarkEmbedding
+from ..base.errors import InputError
+from .arrays import FlameArrays, FlameUV, LandmarkEmbedding
+from .params import FLAME_PARENTS
 
 __all__ = [
     "LEFT_EYEBALL",
@@ -876,7 +877,7 @@ def _expression_fields(tp: dict[str, Any], rng: np.random.Generator) -> np.ndarr
 
 
 # -------------------------------------------------------------------- public
-def mirror_vertex_map(model: FlameModel | None = None) -> np.ndarray:
+def mirror_vertex_map(model: FlameArrays | None = None) -> np.ndarray:
     """Vertex correspondence under the reflection x -> -x of the synthetic topology.
 
     Args:
@@ -895,7 +896,7 @@ def mirror_vertex_map(model: FlameModel | None = None) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _build_cached(seed: int, dtype_str: str) -> FlameModel:
+def _build_cached(seed: int, dtype_str: str) -> FlameArrays:
     dtype = np.dtype(dtype_str)
     tp = _template()
     rng_id = np.random.default_rng([seed, 0])
@@ -904,7 +905,7 @@ def _build_cached(seed: int, dtype_str: str) -> FlameModel:
     sd_id = _orthonormal_columns(_identity_fields(tp, rng_id)) * identity_sd()[None, :]
     sd_ex = _orthonormal_columns(_expression_fields(tp, rng_ex)) * expression_sd()[None, :]
     shapedirs = np.concatenate([sd_id, sd_ex], 1).reshape(V, 3, N_SHAPE + N_EXPR)
-    return FlameModel(
+    return FlameArrays(
         v_template=tp["verts"].astype(dtype),
         faces=tp["faces"].copy(),
         shapedirs=shapedirs.astype(dtype),
@@ -921,7 +922,7 @@ def _build_cached(seed: int, dtype_str: str) -> FlameModel:
     )
 
 
-def build_synthetic_flame(seed: int = 0, dtype: Any = np.float32) -> FlameModel:
+def build_synthetic_flame(seed: int = 0, dtype: Any = np.float32) -> FlameArrays:
     """Generate the synthetic FLAME-format head (called by :meth:`FlameModel.synthetic`).
 
     Args:
@@ -930,7 +931,7 @@ def build_synthetic_flame(seed: int = 0, dtype: Any = np.float32) -> FlameModel:
         dtype: float dtype of the arrays (float32 or float64).
 
     Returns:
-        A :class:`FlameModel` with ``v_template (5023, 3)``, ``faces (9976, 3) int64``,
+        The :class:`FlameArrays` with ``v_template (5023, 3)``, ``faces (9976, 3) int64``,
         ``shapedirs (5023, 3, 400)`` (300 identity then 100 expression components whose
         flattened columns are orthogonal with norms :func:`identity_sd` /
         :func:`expression_sd`), ``posedirs (5023, 3, 36)``, ``J_regressor (5, 5023)``,

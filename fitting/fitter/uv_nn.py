@@ -15,7 +15,7 @@ implementations that return bit-identical results:
 * ``method="grid"`` (NumPy) -- a uniform-grid search, the line-for-line CPU (numba)
   emulation of the CUDA kernel, so its logic is tested without a GPU.
 * ``method="cuda"`` (CuPy default) -- the same uniform-grid search as a CUDA kernel
-  (``kernels/uv_nn.cu``), no host round-trip.
+  (``uv_nn.cu``), no host round-trip.
 
 Exact semantics (all methods):
 
@@ -39,8 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BackendUnavailableError, InputError
-from .xp import asarray_on, get_array_module
+from ..base import cuda
+from ..base.errors import BackendUnavailableError, InputError
+from ..base.xp import asarray_on, get_array_module
 
 __all__ = [
     "DEFAULT_GRID_SIZE",
@@ -486,11 +487,10 @@ def _cuda_build_grid(uv: Any, valid: Any, grid_size: int) -> tuple[Any, Any]:
     """
     import cupy as cp
 
-    from .kernels._cuda import load_module
 
     g = grid_size
     n = int(uv.shape[0])
-    mod = load_module("uv_nn", defines={"UVNN_GRID_SIZE": g})
+    mod = cuda.load_module("p3dmm.fitting.fitter", "uv_nn", defines={"UVNN_GRID_SIZE": g})
     valid_u8 = cp.ascontiguousarray(valid).view(cp.uint8)
     # Per-cell counts (atomics; counts do not depend on thread order), an exclusive scan,
     # and a deterministic scatter: sorting the distinct keys cell * N + pixel gives exactly
@@ -508,7 +508,7 @@ def _cuda_build_grid(uv: Any, valid: Any, grid_size: int) -> tuple[Any, Any]:
 
 
 def _cuda_search(q: Any, uv: Any, valid: Any, grid_size: int) -> tuple[Any, Any]:
-    """Uniform-grid search on the GPU (``kernels/uv_nn.cu``); same algorithm as
+    """Uniform-grid search on the GPU (``uv_nn.cu``); same algorithm as
     :func:`build_uv_grid_reference` + :func:`_grid_search_reference`, no host round-trip.
 
     Args:
@@ -522,7 +522,6 @@ def _cuda_search(q: Any, uv: Any, valid: Any, grid_size: int) -> tuple[Any, Any]
     """
     import cupy as cp
 
-    from .kernels._cuda import load_module
 
     nq = int(q.shape[0])
     out_idx = cp.full((nq,), -1, dtype=cp.int32)
@@ -530,7 +529,7 @@ def _cuda_search(q: Any, uv: Any, valid: Any, grid_size: int) -> tuple[Any, Any]
     if nq == 0 or int(uv.shape[0]) == 0:
         return out_idx, out_d
     cell_start, cell_pix = _cuda_build_grid(uv, valid, grid_size)
-    mod = load_module("uv_nn", defines={"UVNN_GRID_SIZE": grid_size})
+    mod = cuda.load_module("p3dmm.fitting.fitter", "uv_nn", defines={"UVNN_GRID_SIZE": grid_size})
     mod.get_function("uvnn_search")(
         ((nq + _BLOCK - 1) // _BLOCK,),
         (_BLOCK,),

@@ -1,0 +1,312 @@
+"""The problem both solvers share: :class:`FitProblem` (per-image constants, render, energy,
+history) and :func:`prepare`, which builds it from an observation.
+
+:func:`prepare` runs steps 1-3 of a fit:
+
+1. validation of the maps (shape, dtype, finiteness, mask size) and of the model (UVs);
+2. UV correspondences, once: every valid FLAME vertex (``config.uv_regions``, eyeballs
+   excluded) gets the pixel whose predicted UV is nearest its template UV
+   (:func:`p3dmm.fitting.fitter.uv_nn.uv_targets`), kept if closer than ``delta_uv_sq``;
+3. initialisation from those correspondences alone (:mod:`.init`).
+
+The solvers (:mod:`.paper`, :mod:`.fast`) are peers over a :class:`FitProblem`;
+:func:`p3dmm.fitting.fit` ties them together. Arrays stay on the fitting device (NumPy or
+CuPy) throughout.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ..base.errors import FittingError
+from ..base.xp import asarray_on, get_array_module
+from ..model.flame_model import FlameModel
+from ..model.lbs import flame_forward
+from ..render.raster import rasterize
+from .config import FitConfig, Observation
+from .energy import EnergyTerms, EnergyWeights, evaluate_energy
+from .init import init_rigid
+from .state import FitState, Frame, NormalTargets, UVTargets
+from .uv_nn import uv_targets
+from .validation import DeviceChecks, validate_observation
+
+__all__ = ["FitProblem", "downsample_normals", "model_on", "prepare", "render_frame", "uv_vertex_ids"]
+
+
+def uv_vertex_ids(model: FlameModel, regions: tuple[str, ...]) -> np.ndarray:
+    """Vertices that get UV targets: those of ``regions`` (all when the model has none), no eyeballs."""
+    ids = [np.asarray(model.masks[r]) for r in regions if r in model.masks]
+    if not ids:
+        # no region masks: every vertex that is not an eyeball vertex
+        eyes = [np.asarray(model.masks[r]) for r in ("left_eyeball", "right_eyeball") if r in model.masks]
+        keep = np.ones(model.n_vertices, bool)
+        for e in eyes:
+            keep[e] = False
+        return np.nonzero(keep)[0]
+    out = np.unique(np.concatenate(ids))
+    for r in ("left_eyeball", "right_eyeball"):
+        if r in model.masks:
+            out = np.setdiff1d(out, np.asarray(model.masks[r]))
+    return out
+
+
+def downsample_normals(normals: Any, mask: Any, size: int) -> tuple[Any, Any]:
+    """Square ``(S, S)`` maps to ``size x size``: area average (majority mask) when S is a
+    multiple of ``size``, nearest pixel otherwise."""
+    xp = get_array_module(normals)
+    H, W = mask.shape
+    s = size / max(H, W)
+    if H % size == 0 and W % size == 0 and H == W:
+        k = H // size
+        n = (normals * mask[..., None]).reshape(size, k, size, k, 3).sum((1, 3))
+        m = mask.reshape(size, k, size, k).mean((1, 3)) > 0.5
+    else:
+        rows = xp.clip(((xp.arange(size) + 0.5) / s - 0.5).round().astype(xp.int64), 0, H - 1)
+        cols = xp.clip(((xp.arange(size) + 0.5) / s - 0.5).round().astype(xp.int64), 0, W - 1)
+        n = normals[rows][:, cols]
+        m = mask[rows][:, cols]
+    norm = xp.sqrt((n * n).sum(-1, keepdims=True))
+    m = m & (norm[..., 0] > 1e-6)
+    return (n / xp.maximum(norm, 1e-12)).astype(normals.dtype), m
+
+
+def render_frame(
+    model: FlameModel,
+    state: FitState,
+    uv: UVTargets,
+    image_size: tuple[int, int],
+    render_size: int,
+    tol: float,
+    verts: Any = None,
+) -> Frame:
+    """Rasterize ``state`` at ``render_size`` and test the UV targets' visibility.
+
+    Args:
+        image_size: ``(H, W)`` of the observation (the state's camera is for it).
+        render_size: side of the square render; the camera is scaled to it.
+        tol: depth slack (m): a target vertex is visible unless it lies more than this
+            behind the rendered surface at its pixel.
+        verts: optional posed vertices of ``state``.
+    """
+    xp = get_array_module(state.shape)
+    if verts is None:
+        verts = flame_forward(model, state.params())[0]
+    H, W = image_size
+    cam = state.camera(W, H).scaled(render_size, render_size)
+    Xc = cam.to_camera(verts)
+    frags = rasterize(Xc.astype(xp.float32), model.faces, cam)
+    # visibility: a target vertex is visible if it is not behind the rendered surface
+    Xt = Xc[uv.vertex_ids]
+    px = cam.project_camera(Xt)
+    size = render_size
+    col = xp.clip(xp.rint(px[:, 0]).astype(xp.int64), 0, size - 1)
+    row = xp.clip(xp.rint(px[:, 1]).astype(xp.int64), 0, size - 1)
+    inside = (px[:, 0] > -0.5) & (px[:, 0] < size - 0.5) & (px[:, 1] > -0.5) & (px[:, 1] < size - 0.5)
+    d = frags.depth[row, col]
+    visible = inside & (Xt[:, 2] > 0) & ((frags.face_id[row, col] < 0) | (Xt[:, 2] <= d + tol))
+    return Frame(face_id=frags.face_id, bary=frags.bary.astype(Xc.dtype), visible=visible)
+
+
+class FitProblem:
+    """Per-image constants shared by the solvers, and what they do with them.
+
+    Attributes:
+        model: the FLAME model on the fitting device.
+        config: the fit's configuration.
+        uv: the UV targets.
+        normals: the observed normals at the render resolution.
+        size: ``(H, W)`` of the observation.
+        shape_prior, focal_prior, pp_prior: the regulariser's priors.
+        xp: the fitting device's array module.
+        checks: the input checks pending on the device (:class:`DeviceChecks`).
+        host_faces: the model's faces on the host (sparse incidence matrices are built
+            from them without reading the device).
+        history: one entry per recorded step (stage, iteration, device vector).
+        n_renders: renders so far.
+    """
+
+    def __init__(
+        self,
+        model: FlameModel,
+        config: FitConfig,
+        uv: UVTargets,
+        normals: NormalTargets,
+        size: tuple[int, int],
+        shape_prior: Any,
+        focal_prior: float,
+        pp_prior: Any,
+        checks: DeviceChecks | None = None,
+        host_faces: Any = None,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.uv = uv
+        self.normals = normals
+        self.size = size
+        self.shape_prior = shape_prior
+        self.focal_prior = focal_prior
+        self.pp_prior = pp_prior
+        self.xp = get_array_module(model.v_template)
+        self.history: list[tuple[str, int, Any]] = []
+        self.n_renders = 0
+        self.checks = checks if checks is not None else DeviceChecks(self.xp)
+        self.host_faces = host_faces if host_faces is not None else model.faces
+
+    @property
+    def render_size(self) -> int:
+        """Side of the normal render (the normal targets' resolution)."""
+        return int(self.normals.mask.shape[0])
+
+    def render(self, state: FitState, verts: Any = None) -> Frame:
+        """Rasterize ``state`` (:func:`render_frame` at :attr:`render_size`)."""
+        self.n_renders += 1
+        return render_frame(
+            self.model, state, self.uv, self.size, self.render_size, self.config.visibility_tolerance, verts
+        )
+
+    def energy(
+        self,
+        state: FitState,
+        frame: Frame,
+        weights: EnergyWeights | None = None,
+        with_grad: bool = True,
+        normals: NormalTargets | None = None,
+        forward: tuple[Any, Any] | None = None,
+    ) -> EnergyTerms:
+        """:func:`evaluate_energy` with this problem's targets and priors."""
+        return evaluate_energy(
+            self.model,
+            state,
+            self.uv,
+            normals if normals is not None else self.normals,
+            frame,
+            weights or self.config.weights,
+            self.size,
+            shape_prior=self.shape_prior,
+            focal_prior=self.focal_prior,
+            pp_prior=self.pp_prior,
+            with_grad=with_grad,
+            forward=forward,
+        )
+
+    def record(self, stage: str, it: int, e: EnergyTerms, skip: Any = None) -> None:
+        """Keep the step's energy terms as one device vector (read when the result is built).
+
+        Args:
+            skip: optional 0-d device bool; True drops the entry from the history (the
+                fast solver's passes after its stop, or re-linearisations of an unchanged
+                state, which the GPU runs because it does not read the device). Entries
+                recorded with ``skip`` are numbered consecutively per stage.
+        """
+        v = e.to_vector()
+        flag = self.xp.zeros((1,), dtype=v.dtype) if skip is None else self.xp.asarray(skip, dtype=v.dtype).reshape(1)
+        self.history.append((stage, it if skip is None else -1, self.xp.concatenate([v, flag])))
+
+    def history_array(self) -> Any:
+        """``(steps, 6)`` device array: :meth:`EnergyTerms.to_vector` rows and the skip flag."""
+        if not self.history:
+            return self.xp.zeros((0, len(EnergyTerms.FIELDS) + 1))
+        return self.xp.stack([v for _, _, v in self.history])
+
+    def history_dicts(self, values: np.ndarray) -> list[dict[str, Any]]:
+        """Per-step dicts from ``values``, the host copy of :meth:`history_array`."""
+        out: list[dict[str, Any]] = []
+        count: dict[str, int] = {}
+        for (st, it, _), v in zip(self.history, values):
+            if v[-1]:
+                continue
+            if it < 0:
+                it = count[st] = count.get(st, 0) + 1
+            out.append({"stage": st, "iteration": it, **EnergyTerms.dict_from_vector(v[:-1])})
+        return out
+
+
+_MODEL_CACHE: "weakref.WeakKeyDictionary[FlameModel, FlameModel]" = weakref.WeakKeyDictionary()
+
+
+def model_on(model: FlameModel, xp: ModuleType) -> FlameModel:
+    """The model on ``xp``'s device, memoised per model so repeated GPU fits don't copy it again."""
+    if xp is np:
+        return model
+    if model not in _MODEL_CACHE:
+        _MODEL_CACHE[model] = model.to(xp)
+    return _MODEL_CACHE[model]
+
+
+def prepare(
+    observation: Observation, model: FlameModel, config: FitConfig, xp: ModuleType
+) -> tuple[FitProblem, FitState, dict[str, float]]:
+    """Validation, UV correspondences, normal targets and the initial state of a fit.
+
+    Args:
+        observation: the maps of one image.
+        model: a FLAME model with a UV layout (host arrays).
+        config: the fit's configuration.
+        xp: the fitting device's array module (:func:`~p3dmm.fitting.base.xp.resolve_device`).
+
+    Returns:
+        (the problem shared by the solvers, initial state, timings). On CuPy the checks
+        that need the data are pending in ``problem.checks`` (see :class:`DeviceChecks`);
+        call ``problem.checks.raise_failed()`` before using a result.
+    """
+    timings: dict[str, float] = {}
+    checks = DeviceChecks(xp)
+    normals_d, uv_d, mask_d = validate_observation(observation, model, config, xp, checks)
+    dmodel = model_on(model, xp)
+    dtype = dmodel.v_template.dtype
+    H, W = mask_d.shape
+    S = max(H, W)
+
+    # ------------------------------------------------------------ correspondences
+    t0 = time.perf_counter()
+    ids = uv_vertex_ids(model, config.uv_regions)
+    query = asarray_on(xp, model.uv.vertex_uv[ids], np.float32)  # type: ignore[union-attr]
+    pix, valid = uv_targets(query, uv_d, mask_d, config.delta_uv_sq)
+    n_valid = valid.sum()
+    n_valid = int(n_valid) if xp is np else n_valid.astype(dtype)
+    min_t, radius = config.min_targets, math.sqrt(config.delta_uv_sq)
+    checks.require(
+        n_valid,
+        lambda n: n >= min_t,
+        lambda n: FittingError(
+            f"fit: only {n} FLAME vertices found a pixel with UV within sqrt(delta_uv_sq)={radius:.4f} "
+            f"(need {min_t}); the UV map does not match the model's UV layout or the mask is wrong"
+        ),
+    )
+    # all queried vertices keep their row (fixed shapes on the device); `valid` masks them
+    uvt = UVTargets(
+        vertex_ids=asarray_on(xp, ids),
+        pixels=xp.where(valid[:, None], pix, 0.0).astype(dtype),
+        n_targets=n_valid,
+        valid=valid,
+    )
+    n_d, m_d = downsample_normals(normals_d, mask_d, min(config.render_size, S))
+    ntg = NormalTargets(normals=n_d.astype(dtype), mask=m_d, space=observation.normal_space)
+    timings["correspondences"] = time.perf_counter() - t0
+
+    # ----------------------------------------------------------------- init
+    t0 = time.perf_counter()
+    f0 = float(config.focal_init or 2.0 * S)
+    pp0 = np.array([(W - 1) / 2, (H - 1) / 2])
+    state = init_rigid(dmodel, uvt, f0, pp0, (H, W), config.weights)
+    prior = None if observation.shape_prior is None else asarray_on(xp, observation.shape_prior, dtype)
+    problem = FitProblem(
+        dmodel,
+        config,
+        uvt,
+        ntg,
+        (H, W),
+        prior,
+        math.log(f0),
+        asarray_on(xp, pp0, dtype),
+        checks=checks,
+        host_faces=model.faces,
+    )
+    timings["init"] = time.perf_counter() - t0
+    return problem, state, timings
