@@ -58,9 +58,15 @@ def _skew(r):
     )
 
 
+def valid_rows(uv):  # -> torch bool (N,)
+    """Rows of ``uv`` (UVTargets) that have a correspondence."""
+    n = np.asarray(uv.vertex_ids).shape[0]
+    return torch.as_tensor(np.ones(n, bool) if uv.valid is None else np.asarray(uv.valid))
+
+
 def torch_energy(model, shape, expr, pose, t, log_f, pp, uv, normals, frame, weights, size, shape_prior=None,
                  focal_prior=0.0, pp_prior=None):
-    """The fitting energy of ``p3dmm.fitting.energy`` written with torch autograd.
+    """The fitting energy of ``p3dmm.fitting.fitter.energy`` written with torch autograd.
 
     Fragments (face ids, barycentrics) and visibility come from ``frame`` and are
     constants, as in the NumPy implementation. Returns a scalar tensor.
@@ -77,10 +83,11 @@ def torch_energy(model, shape, expr, pose, t, log_f, pp, uv, normals, frame, wei
     proj = f * Xc[:, :2] / Xc[:, 2:3] + pp
     r = (proj - T(uv.pixels)) / S
     rho = torch.sqrt((r * r).sum(-1))
-    active = T(frame.visible) & (rho.detach() * S < weights.uv_cap_px) & (Xc[:, 2].detach() > 0)
+    cap = weights.uv_cap_px / 512.0  # truncated: an inactive target costs the cap
+    active = T(frame.visible) & (rho.detach() < cap) & (Xc[:, 2].detach() > 0)
     if uv.valid is not None:
         active = active & T(uv.valid)
-    e = weights.uv * (rho * active).sum() / uv.n_targets
+    e = weights.uv * torch.where(active, rho, torch.full_like(rho, cap))[valid_rows(uv)].sum() / max(int(uv.n_targets), 1)
     # normal term
     if normals is not None and weights.normal > 0:
         faces = T(model.faces).long()
@@ -101,7 +108,11 @@ def torch_energy(model, shape, expr, pose, t, log_f, pp, uv, normals, frame, wei
                 n_out = n @ R0.T
             d = T(normals.normals).reshape(-1, 3)[pix].to(shape.dtype) - n_out
             keep = d.detach().abs().mean(-1) < weights.normal_outlier
-            e = e + weights.normal * (d.abs().sum(-1) * keep).sum() / normals.n_pixels
+            # truncated: uncovered mask pixels and outliers cost 3 * normal_outlier
+            n_lost = int(np.asarray(normals.mask).sum()) - int(keep.sum())
+            e = e + weights.normal * ((d.abs().sum(-1) * keep).sum() + 3 * weights.normal_outlier * n_lost) / normals.n_pixels
+        else:
+            e = e + weights.normal * 3 * weights.normal_outlier * int(np.asarray(normals.mask).sum()) / normals.n_pixels
     prior = T(shape_prior).to(shape.dtype) if shape_prior is not None else torch.zeros_like(shape)
     c0 = T(pp_prior).to(shape.dtype) if pp_prior is not None else pp.detach()
     e = e + weights.identity * ((shape - prior) ** 2).sum() + weights.expression * (expr**2).sum()

@@ -10,6 +10,7 @@ warn (:class:`DeprecationWarning`).
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,12 +64,24 @@ class FitConfig:
         min_mask_pixels: a smaller observation mask is a FittingError.
         focal_init: initial focal length in pixels of the observation (default
             ``2 * max(H, W)``, about 28 degrees of field of view); also the focal prior.
+        focal: a known focal length in pixels of the observation (EXIF, a calibrated
+            camera), held fixed; then the camera-frame mesh is metric. Without it the
+            focal length is estimated, and a single image determines it only weakly: the
+            projection is what the maps constrain, and depth trades off against focal
+            length (a longer lens farther away gives nearly the same image), so the
+            fitted ``camera.t[2]`` and ``focal`` can both be off by the same factor while
+            the reprojection and the aligned shape are right.
+        principal_point: a known ``(cx, cy)`` in pixels of the observation, held fixed
+            (default: estimated, with a prior at the image centre).
         visibility_tolerance: depth slack (m) of the vertex visibility test.
         paper_camera_steps / paper_steps: Adam steps of the camera stage / full stage.
         lr_*: Adam learning rates per variable group (paper: shape 1e-3, expr 3e-3).
         rerender_every: steps between re-renders (face ids, visibility) in the paper solver.
-        fast_iterations: Levenberg-Marquardt passes of the fast solver (one tried step
-            each; an accepted step is followed by a re-render and a new linearisation).
+        fast_uv_iterations: passes of the fast solver's first stage (UV term and
+            regulariser only, UV cap widened by ``fast_uv_cap_scale``); 0 skips it.
+        fast_iterations: Levenberg-Marquardt passes of the fast solver's full stage (one
+            tried step each; an accepted step is followed by a re-render and a new
+            linearisation).
         fast_normal_stride: the fast solver uses every k-th render row/column for L_n.
         fast_tolerance: relative energy decrease below which the fast solver stops.
         fast_irls_floor_start / fast_irls_floor_decay: the IRLS residual floors start this
@@ -84,6 +97,8 @@ class FitConfig:
     min_targets: int = 20
     min_mask_pixels: int = 64
     focal_init: float | None = None
+    focal: float | None = None
+    principal_point: tuple[float, float] | None = None
     visibility_tolerance: float = 0.005
     paper_camera_steps: int = 500
     paper_steps: int = 800
@@ -94,6 +109,8 @@ class FitConfig:
     lr_log_f: float = 3e-3
     lr_pp: float = 0.1
     rerender_every: int = 1
+    fast_uv_iterations: int = 10
+    fast_uv_cap_scale: float = 4.0
     fast_iterations: int = 30
     fast_normal_stride: int = 2
     fast_tolerance: float = 5e-3
@@ -105,6 +122,12 @@ class FitConfig:
             raise InputError(f"FitConfig.solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.render_size < 16:
             raise InputError(f"FitConfig.render_size must be >= 16, got {self.render_size}")
+        if self.focal is not None and not (math.isfinite(self.focal) and self.focal > 0):
+            raise InputError(f"FitConfig.focal must be a positive focal length in pixels, got {self.focal!r}")
+        if self.principal_point is not None:
+            pp = tuple(self.principal_point)
+            if len(pp) != 2 or not all(math.isfinite(float(c)) for c in pp):
+                raise InputError(f"FitConfig.principal_point must be (cx, cy) in pixels, got {self.principal_point!r}")
 
 
 #: Old spelling -> field of the fast solver's settings.

@@ -7,15 +7,26 @@ state is :meth:`FitState.camera` and every projection goes through
 
 Terms (normalised so that the paper's weights are meaningful at any image size):
 
-* ``L_uv = (1 / N_t) * sum_v 1[visible_v, |r_v| * S < cap] * |r_v|`` with
-  ``r_v = (pi(v) - p*_v) / S``: the 2D distance, in units of the image size S, between
-  the projection of a target vertex and the pixel whose predicted UV is nearest to the
-  vertex's template UV. N_t is the number of targets (fixed per image).
-* ``L_n = (1 / N_p) * sum_p sum_c |N_pc - n_pc|`` over the pixels of the observation
-  mask that the render covers and that pass the outlier cut (mean abs difference
-  < ``normal_outlier``); N_p is the number of observation-mask pixels. Rendered normals
-  are interpolated vertex normals (barycentrics and face ids from the rasterizer are
-  constants of a step), in camera space (``R0 n``) or head space (``R_global^T n``).
+* ``L_uv = (1 / N_t) * sum_v rho_v`` over the N_t targets (fixed per image), with
+  ``rho_v = |r_v|`` for an *active* target (visible in the frame, in front of the
+  camera, ``|r_v| * S < cap``) and ``rho_v = cap / S`` otherwise; ``r_v = (pi(v) -
+  p*_v) / S`` is the 2D distance, in units of the image size S, between the projection
+  of a target vertex and the pixel whose predicted UV is nearest to the vertex's
+  template UV.
+* ``L_n = (1 / N_p) * sum_p e_p`` over the N_p pixels of the observation mask, with
+  ``e_p = sum_c |N_pc - n_pc|`` for a pixel the render covers and that passes the
+  outlier cut (mean abs difference < ``normal_outlier``), and ``e_p = 3 *
+  normal_outlier`` otherwise. Rendered normals are interpolated vertex normals
+  (barycentrics and face ids from the rasterizer are constants of a step), in camera
+  space (``R0 n``) or head space (``R_global^T n``).
+
+Both data terms are truncated: a target or pixel that is not explained pays the cap,
+the most it could cost. So the energy cannot be lowered by losing correspondences
+(turning the head away, moving it out of the image, shrinking its silhouette): every
+term counts all N_t targets and N_p pixels whether they are active or not. The cap
+terms are constant, so the gradient (and with it the paper solver's Adam steps) is that
+of the active terms alone, as in the paper; they matter where energies are compared
+(the fast solver's accept/reject and stopping rule, the reported energy).
 * ``R = l_id |shape - shape_prior|^2 + l_ex |expr|^2 + l_jaw |jaw|^2 + l_neck |neck|^2
   + l_eyes |eyes|^2 + l_pp |(c - c0) / S|^2 + l_focal (log f - log f0)^2``.
 
@@ -62,7 +73,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class EnergyWeights:
-    """Weights of the energy terms (paper defaults for the first four)."""
+    """Weights of the energy terms (paper defaults for the first four).
+
+    ``uv_cap_px`` is in pixels of a 512 px crop (scaled with the map size);
+    ``normal_outlier`` is a mean absolute difference of unit normals.
+    """
 
     uv: float = 2000.0
     normal: float = 200.0
@@ -75,6 +90,18 @@ class EnergyWeights:
     focal: float = 1.0
     uv_cap_px: float = 20.0
     normal_outlier: float = 0.33
+
+    @property
+    def uv_cap(self) -> float:
+        """The UV residual cap in image-size units: ``uv_cap_px`` pixels of a 512 px crop
+        (the official tracker's 20 px), so the same fraction of the face at any map size."""
+        return self.uv_cap_px / 512.0
+
+    @property
+    def normal_cap(self) -> float:
+        """What a normal pixel outside the outlier cut costs: ``3 * normal_outlier`` (the L1
+        norm of a residual at the cut)."""
+        return 3.0 * self.normal_outlier
 
 
 @dataclass
@@ -133,7 +160,7 @@ class UVResiduals:
         r: ``(N, 2)`` ``(projection - target pixel) / S``.
         rho: ``(N,)`` ``|r|``.
         active: ``(N,) bool`` rows that count: valid, visible in the frame, in front of
-            the camera and within ``uv_cap_px`` of the target.
+            the camera and within :attr:`EnergyWeights.uv_cap` of the target.
     """
 
     points_cam: Any
@@ -152,7 +179,7 @@ def uv_residuals(
     Xc = camera.to_camera(verts[uv.vertex_ids])
     r = (camera.project_camera(Xc) - uv.pixels) / S
     rho = get_array_module(r).sqrt((r * r).sum(-1))
-    active = frame.visible & (rho * S < weights.uv_cap_px) & (Xc[:, 2] > 0)
+    active = frame.visible & (rho < weights.uv_cap) & (Xc[:, 2] > 0)
     if uv.valid is not None:
         active = active & uv.valid
     return UVResiduals(points_cam=Xc, r=r, rho=rho, active=active)
@@ -303,10 +330,11 @@ def evaluate_energy(
 
     # ---------------------------------------------------------------- UV term
     res = uv_residuals(state, verts, uv, frame, weights, image_size)
-    e_uv = weights.uv * (res.rho * res.active).sum() / uv.n_targets
     n_uv = res.active.sum()
+    # inactive targets pay the cap (see the module docstring)
+    e_uv = weights.uv * ((res.rho * res.active).sum() + weights.uv_cap * (uv.n_targets - n_uv.astype(dt))) / uv.normaliser
     if with_grad:
-        coef = (weights.uv / uv.n_targets) * res.active / xp.maximum(res.rho, 1e-12)
+        coef = (weights.uv / uv.normaliser) * res.active / xp.maximum(res.rho, 1e-12)
         g_proj = (coef[:, None] * res.r) / S  # dE/dproj
         camera = state.camera(W, H)
         # g_Xc[n, j] = sum_k g_proj[n, k] * dproj[n, k] / dXc[n, j]
@@ -328,7 +356,9 @@ def evaluate_energy(
         R_out = output_rotation(state, normals.space)
         nr = normal_residuals(verts, model.faces, frame, normals, pix, R_out, weights)
         n_n = nr.keep.sum()
-        e_n = weights.normal * (xp.abs(nr.d).sum(-1) * nr.keep).sum() / normals.n_pixels
+        # mask pixels that are not covered or fail the outlier cut pay the cap
+        explained = (xp.abs(nr.d).sum(-1) * nr.keep).sum()
+        e_n = weights.normal * (explained + weights.normal_cap * (normals.n_mask - n_n.astype(dt))) / normals.n_pixels
         if with_grad:
             g_nout = -(weights.normal / normals.n_pixels) * xp.sign(nr.d) * nr.keep[:, None]
             u = nr.u

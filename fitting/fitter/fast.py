@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ from ..model.lbs import flame_forward, flame_jacobian
 from ..model.params import N_JOINTS
 from .energy import (
     EnergyTerms,
+    EnergyWeights,
     normal_residuals,
     output_rotation,
     regularizer_hessian_diagonal,
@@ -54,6 +56,8 @@ from .state import FitState, Frame, NormalTargets
 
 __all__ = [
     "STOP_REASONS",
+    "free_variables",
+    "levenberg_marquardt",
     "VertexJacobian",
     "normal_equations",
     "normal_jacobian",
@@ -131,10 +135,12 @@ def normal_equations(
     forward: tuple[Any, Any] | None = None,
     eps_scale: Any = 1.0,
     dense: bool | None = None,
+    weights: EnergyWeights | None = None,
 ) -> tuple[Any, Any]:
     """IRLS Gauss-Newton system ``(H, g)`` at ``state`` (g is the exact energy gradient).
 
     Args:
+        energy: the energy at ``state`` with ``weights``, with its gradient.
         forward: optional ``(vertices, cache)`` of :func:`flame_forward` at ``state``.
         eps_scale: multiplies the IRLS residual floors (> 1 gives flatter, more
             quadratic models and longer steps); a number or a 0-d device array.
@@ -142,13 +148,14 @@ def normal_equations(
             ``normals.grid``, all vertex normals) and zero weights for inactive rows,
             instead of gathering the active rows. Default: on CuPy, where a gather would
             need its size on the host. Both give the same system.
+        weights: the energy's weights (default: the problem's).
 
     Returns:
         ``H (n, n)`` and ``g (n,)`` over :meth:`FitState.to_vector`'s layout.
     """
     xp = problem.xp
     model = problem.model
-    w = problem.config.weights
+    w = weights or problem.config.weights
     dt = model.v_template.dtype
     H_img, W_img = problem.size
     S = float(max(H_img, W_img))
@@ -200,7 +207,7 @@ def normal_equations(
         J_f = ((camera.project_camera(Xa) - state.pp) / S)[:, :, None]  # (A, 2, 1): d proj / d log f
         J_pp = xp.broadcast_to(xp.eye(2, dtype=dt) / S, (idx.shape[0], 2, 2))
         J = xp.concatenate([J_flame, J_t, J_f, J_pp], 2).reshape(-1, n)
-        wt = (w.uv / uv.n_targets) / xp.maximum(res.rho[idx], _EPS_UV * eps_scale)
+        wt = (w.uv / uv.normaliser) / xp.maximum(res.rho[idx], _EPS_UV * eps_scale)
         if dense:
             wt = wt * active  # inactive rows (and Z <= 0, where J is not finite) weigh nothing
             J = xp.where(xp.repeat(active, 2)[:, None], J, 0.0)
@@ -390,12 +397,60 @@ def _select(cond: Any, a: FitState, b: FitState) -> FitState:
     return FitState(*(xp.where(cond, getattr(a, k), getattr(b, k)) for k in FitState.NAMES))
 
 
+def free_variables(problem: FitProblem) -> np.ndarray:
+    """``(n,)`` host 1.0/0.0 per entry of :meth:`FitState.to_vector`: 0 for the camera values
+    held fixed (a known focal length or principal point, :class:`FitConfig`)."""
+    model, cfg = problem.model, problem.config
+    nf = model.n_shape + model.n_expr + 3 * N_JOINTS
+    free = np.ones(nf + 6)
+    if cfg.focal is not None:
+        free[nf + 3] = 0.0
+    if cfg.principal_point is not None:
+        free[nf + 4 :] = 0.0
+    return free
+
+
 def solve_fast(problem: FitProblem, state: FitState) -> tuple[FitState, Any, Any]:
-    """Minimise the energy from ``state``.
+    """Minimise the energy from ``state``: a UV stage, then the full energy.
+
+    The UV stage (``fast_uv_iterations`` passes, history stage ``"fast_uv"``) minimises the
+    UV term and the regulariser alone with the UV cap widened ``fast_uv_cap_scale`` times:
+    a rigid initialisation far from a strong expression or an extreme pose leaves most
+    targets beyond the normal cap, where the truncated term is flat. Then the full energy
+    (``fast_iterations`` passes, stage ``"fast"``). Each stage is a run of
+    :func:`levenberg_marquardt`, whose energies are comparable within the stage.
+
+    Returns:
+        (state, passes, stop code) as :func:`levenberg_marquardt`; passes of both stages
+        are counted, the stop code is the full stage's (or ``"non_finite"`` from either).
+    """
+    cfg = problem.config
+    w = cfg.weights
+    passes: Any = 0
+    first_code: Any = 0
+    if cfg.fast_uv_iterations > 0:
+        uv_w = replace(w, normal=0.0, uv_cap_px=w.uv_cap_px * cfg.fast_uv_cap_scale)
+        state, passes, first_code = levenberg_marquardt(problem, state, uv_w, None, cfg.fast_uv_iterations, "fast_uv")
+    normals = strided_normals(problem.normals, cfg.fast_normal_stride)
+    state, p2, code = levenberg_marquardt(problem, state, w, normals, cfg.fast_iterations, "fast")
+    xp = problem.xp
+    return state, passes + p2, xp.where(xp.asarray(first_code) == 3, 3, code)
+
+
+def levenberg_marquardt(
+    problem: FitProblem,
+    state: FitState,
+    weights: EnergyWeights,
+    normals: NormalTargets | None,
+    iterations: int,
+    stage: str,
+) -> tuple[FitState, Any, Any]:
+    """Minimise the energy with ``weights`` (and ``normals`` at the render resolution) from ``state``.
 
     Each pass tries one damped step from the latest linearisation; an accepted step is
     followed by a re-render and a new linearisation. The bookkeeping lives in 0-d device
-    arrays (see the module docstring).
+    arrays (see the module docstring). Camera values held fixed (:func:`free_variables`)
+    get no step.
 
     Returns:
         (state, iterations, stop code): the best state seen after a re-render; the
@@ -403,13 +458,14 @@ def solve_fast(problem: FitProblem, state: FitState) -> tuple[FitState, Any, Any
         :data:`STOP_REASONS`: ``"tolerance"`` (two re-renders in a row lowered the
         energy by less than ``fast_tolerance`` relative to the best), ``"no_decrease"``
         (eight damped steps in a row were rejected), ``"non_finite"`` (the energy at a
-        re-render is NaN/inf) or ``"max_iterations"`` (``fast_iterations`` passes). The
+        re-render is NaN/inf) or ``"max_iterations"`` (``iterations`` passes). The
         last two are 0-d arrays of the fitting device.
     """
     xp = problem.xp
     cfg = problem.config
-    normals = strided_normals(problem.normals, cfg.fast_normal_stride)
     dense = xp is not np
+    free = constant(xp, free_variables(problem), np.float64)
+    fixed = 1.0 - free
     stop = LaggedFlag(xp)
     f64 = xp.float64
     mu = xp.asarray(1e-3, dtype=f64)
@@ -430,13 +486,13 @@ def solve_fast(problem: FitProblem, state: FitState) -> tuple[FitState, Any, Any
     dH: Any = None
     x0: Any = None
     linearisations = 0
-    for _ in range(cfg.fast_iterations):
+    for _ in range(iterations):
         if relinearise:
             linearisations += 1
             fwd = flame_forward(problem.model, state.params())
             frame = problem.render(state, fwd[0])
-            e = problem.energy(state, frame, normals=normals, forward=fwd)
-            problem.record("fast", linearisations, e, skip=done | ~fresh)
+            e = problem.energy(state, frame, weights, normals=normals, forward=fwd)
+            problem.record(stage, linearisations, e, skip=done | ~fresh)
             e_total = e.total.astype(f64)
             # re-linearising an unchanged (rejected) state repeats the previous numbers:
             # only a fresh state counts towards the stopping rule
@@ -453,14 +509,21 @@ def solve_fast(problem: FitProblem, state: FitState) -> tuple[FitState, Any, Any
             n_fresh = n_fresh + fresh  # linearisations at new states: the IRLS floor schedule's clock
             floors = xp.maximum(1.0, cfg.fast_irls_floor_start * cfg.fast_irls_floor_decay ** (n_fresh - 1).astype(f64))
             floors = floors.astype(problem.model.v_template.dtype)  # a float64 0-d array would promote the weights
-            H, g = normal_equations(problem, state, frame, normals, e, forward=fwd, eps_scale=floors, dense=dense)
+            H, g = normal_equations(
+                problem, state, frame, normals if normals is not None else problem.normals, e,
+                forward=fwd, eps_scale=floors, dense=dense, weights=weights,
+            )  # fmt: skip
+            # fixed camera values: no gradient, an identity block (their step is zero)
+            H = H * free[:, None] * free[None, :] + xp.diag(fixed)
+            g = g * free
             x0 = state.to_vector()
             dH = xp.diag(H).copy()
         passes = passes + ~done
         A = H + mu * xp.diag(dH + 1e-9 * dH.max())
         step = -xp.linalg.solve(A, g)
         cand = state.from_vector((x0 + step).astype(x0.dtype))
-        ec_total = problem.energy(cand, frame, with_grad=False, normals=normals).total.astype(f64)
+        ec_total = problem.energy(cand, frame, weights, with_grad=False, normals=normals)
+        ec_total = ec_total.total.astype(f64)
         accept = ~done & xp.isfinite(ec_total) & (ec_total < e_total)
         state = _select(accept, cand, state)
         mu = xp.where(accept, xp.maximum(mu / 3.0, 1e-7), xp.where(done, mu, mu * 8.0))

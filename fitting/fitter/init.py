@@ -19,7 +19,14 @@ __all__ = ["init_rigid", "refine_rigid"]
 
 
 def init_rigid(
-    model: FlameModel, uv: UVTargets, f0: float, pp0: Any, size: tuple[int, int], weights: EnergyWeights, iters: int = 15
+    model: FlameModel,
+    uv: UVTargets,
+    f0: float,
+    pp0: Any,
+    size: tuple[int, int],
+    weights: EnergyWeights,
+    iters: int = 15,
+    fix_focal: bool = False,
 ) -> FitState:
     """Head rotation, camera translation and focal from UV correspondences alone.
 
@@ -54,7 +61,7 @@ def init_rigid(
     tz = f0 / s - ((X @ Rc.T)[:, 2] * valid).sum() / xp.maximum(valid.sum(), 1.0)
     txy = (b - pp) / s
     t = xp.stack([txy[0], txy[1], tz])
-    return refine_rigid(X, p, valid, uv.n_targets, Rg, t, math.log(f0), pp, size, weights, iters, model)
+    return refine_rigid(X, p, valid, uv.n_targets, Rg, t, math.log(f0), pp, size, weights, iters, model, fix_focal)
 
 
 def refine_rigid(
@@ -70,6 +77,7 @@ def refine_rigid(
     weights: EnergyWeights,
     iters: int,
     model: FlameModel,
+    fix_focal: bool = False,
 ) -> FitState:
     """Gauss-Newton with IRLS on ``(lambda_uv / N) sum |r_v| + lambda_f (log f - log f0)^2``.
 
@@ -92,7 +100,7 @@ def refine_rigid(
         proj = camera.project_camera(Xc)
         r = (proj - p) / S
         rho = xp.sqrt((r * r).sum(1))
-        w = valid * (weights.uv / n) / xp.maximum(rho, 1e-4) * (rho * S <= 4 * weights.uv_cap_px)  # outliers out
+        w = valid * (weights.uv / n) / xp.maximum(rho, 1e-4) * (rho <= 4 * weights.uv_cap)  # outliers out
         dproj = camera.project_camera_jacobian(Xc) / S  # (N, 2, 3)
         rows = []
         for k in range(2):
@@ -106,6 +114,9 @@ def refine_rigid(
         g = (J * ww[:, None]).T @ rr
         H = H + 2 * weights.focal * eye7[6][:, None] * eye7[6][None, :]
         g = g + 2 * weights.focal * (lf - lf0) * eye7[6]
+        if fix_focal:  # the focal length is known: no step in log f
+            H = H * (1.0 - eye7[6])[:, None] * (1.0 - eye7[6])[None, :] + eye7[6][:, None] * eye7[6][None, :]
+            g = g * (1.0 - eye7[6])
         delta = -xp.linalg.solve(H + 1e-9 * xp.trace(H) * eye7, g)
         Rg = R0.T @ rodrigues(delta[None, :3])[0] @ R0 @ Rg
         t = t + delta[3:6]

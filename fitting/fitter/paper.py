@@ -67,23 +67,28 @@ def adam(
 
 
 def solve_paper(problem: FitProblem, state: FitState) -> tuple[FitState, int]:
-    """Run the camera stage, then the fitting stage.
+    """Run the camera stage, then the fitting stage (known camera values stay fixed).
 
     Returns:
         (the final state, the number of Adam steps run).
     """
     cfg = problem.config
-    state = adam(problem, state, cfg.paper_camera_steps, CAMERA_GROUPS, replace(cfg.weights, normal=0.0), "camera")
-    state = adam(problem, state, cfg.paper_steps, FitState.NAMES, cfg.weights, "fit")
+    fixed = {"log_f"} if cfg.focal is not None else set()
+    if cfg.principal_point is not None:
+        fixed.add("pp")
+    camera_groups = tuple(g for g in CAMERA_GROUPS if g not in fixed)
+    all_groups = tuple(g for g in FitState.NAMES if g not in fixed)
+    state = adam(problem, state, cfg.paper_camera_steps, camera_groups, replace(cfg.weights, normal=0.0), "camera")
+    state = adam(problem, state, cfg.paper_steps, all_groups, cfg.weights, "fit")
     return state, cfg.paper_camera_steps + cfg.paper_steps
 
 
 def paper_outcome(history: list[dict[str, Any]]) -> tuple[bool, str]:
     """``(converged, stop_reason)`` of a paper solve from its host history.
 
-    ``"schedule"`` when the fitting stage ended no higher than it started, else
-    ``"energy_increased"`` (not converged).
+    ``"schedule"`` when the fitting stage ended no higher than it started (or ran no
+    steps), else ``"energy_increased"`` (not converged).
     """
     totals = [h["total"] for h in history if h["stage"] == "fit"]
-    converged = bool(totals) and totals[-1] <= totals[0]
+    converged = not totals or totals[-1] <= totals[0]
     return converged, "schedule" if converged else "energy_increased"

@@ -89,8 +89,8 @@ class UVTargets:
     Attributes:
         vertex_ids: ``(N,) int`` FLAME vertices queried.
         pixels: ``(N, 2) float`` target pixel coordinates (x = column, y = row).
-        n_targets: normaliser N_t of L_uv, the number of valid targets (an int, or on
-            CuPy a 0-d device array in the pixels' float dtype, so it does not promote).
+        n_targets: the number of valid targets (an int, or on CuPy a 0-d device array in
+            the pixels' float dtype, so it does not promote).
         valid: ``(N,) bool`` rows with a correspondence (None: all of them).
     """
 
@@ -98,6 +98,13 @@ class UVTargets:
     pixels: Any
     n_targets: Any
     valid: Any = None
+
+    @property
+    def normaliser(self) -> Any:
+        """N_t of L_uv: ``max(n_targets, 1)`` (no division by zero without targets)."""
+        if isinstance(self.n_targets, (int, np.integer)):
+            return max(int(self.n_targets), 1)
+        return get_array_module(self.n_targets).maximum(self.n_targets, 1)
 
     def weight(self) -> Any:
         """``(N,)`` 1.0 for valid rows, 0.0 otherwise (in the pixels' dtype)."""
@@ -117,22 +124,26 @@ class NormalTargets:
         space: ``"camera"`` or ``"head"``.
         grid: optional ``(P,)`` flat indices of the only pixels ``mask`` can be True at
             (a strided subset); the dense L_n evaluation then visits just those.
-        n_pixels: normaliser of L_n, ``max(mask.sum(), 1)`` (an int on NumPy, a 0-d
-            device array on CuPy, where reading it would synchronise).
+        n_mask: ``mask.sum()`` (an int on NumPy, a 0-d device array on CuPy, where
+            reading it would synchronise).
+        n_pixels: normaliser of L_n, ``max(n_mask, 1)``.
     """
 
     normals: Any
     mask: Any
     space: str
     grid: Any = None
+    n_mask: Any = field(init=False)
     n_pixels: Any = field(init=False)
 
     def __post_init__(self) -> None:
         xp = get_array_module(self.mask)
         if xp is np:
-            self.n_pixels = max(int(self.mask.sum()), 1)
+            self.n_mask = int(self.mask.sum())
+            self.n_pixels = max(self.n_mask, 1)
         else:  # in the normals' dtype: an int64 0-d array would promote float32 weights to float64
-            self.n_pixels = xp.maximum(self.mask.sum(), 1).astype(self.normals.dtype)
+            self.n_mask = self.mask.sum().astype(self.normals.dtype)
+            self.n_pixels = xp.maximum(self.n_mask, 1)
 
 
 @dataclass

@@ -29,7 +29,7 @@ def _setup(space: str, seed: int = 0):
 
     verts = flame_forward(model, state.params())[0]
     proj = state.camera(W, H).project(verts[ids])
-    uv = UVTargets(vertex_ids=ids, pixels=proj + rng.normal(scale=3.0, size=proj.shape), n_targets=50)
+    uv = UVTargets(vertex_ids=ids, pixels=proj + rng.normal(scale=3.0, size=proj.shape), n_targets=40)
     face_id = rng.integers(-1, model.n_faces, size=(16, 16)).astype(np.int32)
     bary = rng.random((16, 16, 3))
     bary /= bary.sum(-1, keepdims=True)
