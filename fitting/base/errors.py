@@ -30,3 +30,15 @@ class FittingError(P3DMMError):
 
 class BackendUnavailableError(P3DMMError, ImportError):
     """An optional backend (cupy, tensorrt, pycuda, numba, ...) is not installed or has no device."""
+
+
+class P3DMMWarning(UserWarning):
+    """Base class of the warnings p3dmm issues (filter them with ``warnings.filterwarnings``)."""
+
+
+class FitQualityWarning(P3DMMWarning):
+    """A fit's result explains too little of its input to be trusted (see ``FitResult.issues``)."""
+
+
+class ConventionWarning(P3DMMWarning):
+    """The input looks like it uses another convention than declared (see ``FitResult.issues``)."""

@@ -12,23 +12,25 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from ..base.camera import FLAME_TO_OPENCV, Camera
-from ..base.errors import FittingError
+from ..base.errors import FittingError, FitQualityWarning
 from ..base.xp import download, resolve_device
 from ..model.flame_model import FlameModel
 from ..model.lbs import flame_forward
 from ..model.params import FlameParams
 from .config import FitConfig, Observation
-from .energy import EnergyTerms
+from .conventions import check_conventions
+from .energy import EnergyTerms, uv_residuals
 from .fast import STOP_REASONS, solve_fast
 from .paper import paper_outcome, solve_paper
 from .problem import prepare
-from .result import FitResult
+from .result import FitResult, fit_quality
 
 __all__ = ["fit"]
 
@@ -75,9 +77,11 @@ def fit(
     # ---------------------------------------------------------------- result
     # everything the result needs, read back in one transfer (the first read of the fit
     # on CuPy): the deferred input checks, the energies, the state and the vertices
-    frame = problem.render(state)
-    final = problem.energy(state, frame, with_grad=False)
     verts_d = flame_forward(problem.model, state.params())[0]
+    frame = problem.render(state, verts_d)
+    final = problem.energy(state, frame, with_grad=False)
+    res = uv_residuals(state, verts_d, problem.uv, frame, config.weights, problem.size)
+    explained = res.active & (res.rho < config.quality_uv_px / 512.0)
     host = download(
         xp,
         checks=problem.checks.counts(),
@@ -91,6 +95,8 @@ def fit(
         pp=state.pp,
         verts=verts_d,
         n_targets=problem.uv.n_targets,
+        n_explained=explained.sum(),
+        n_mask=problem.normals.n_mask,
         **extra,
     )
     problem.checks.raise_failed(host["checks"])
@@ -126,6 +132,18 @@ def fit(
         width=W,
         height=H,
     )
+    quality, issues = fit_quality(
+        int(host["n_explained"]),
+        int(host["n_targets"]),
+        int(energies["n_normal_active"]),
+        int(host["n_mask"]),
+        config.quality_min,
+        config.quality_uv_px,
+    )
+    if issues:
+        check_conventions(problem, state)  # raises an InputError naming a clear convention mistake
+        converged = False
+        warnings.warn("fit: " + "; ".join(issues), FitQualityWarning, stacklevel=2)
     neutral = model.neutral_vertices(params_h.astype(np, model.dtype)).astype(np.float32)
     timings["total"] = time.perf_counter() - t_start
     return FitResult(
@@ -140,4 +158,6 @@ def fit(
         stop_reason=stop_reason,
         n_targets=int(host["n_targets"]),
         timings=timings,
+        quality=quality,
+        issues=issues,
     )

@@ -36,7 +36,15 @@ from .state import FitState, Frame, NormalTargets, UVTargets
 from .uv_nn import uv_targets
 from .validation import DeviceChecks, validate_observation
 
-__all__ = ["FitProblem", "downsample_normals", "model_on", "prepare", "render_frame", "uv_vertex_ids"]
+__all__ = [
+    "FitProblem",
+    "alternative_uv_readings",
+    "downsample_normals",
+    "model_on",
+    "prepare",
+    "render_frame",
+    "uv_vertex_ids",
+]
 
 
 def uv_vertex_ids(model: FlameModel, regions: tuple[str, ...]) -> np.ndarray:
@@ -54,6 +62,28 @@ def uv_vertex_ids(model: FlameModel, regions: tuple[str, ...]) -> np.ndarray:
         if r in model.masks:
             out = np.setdiff1d(out, np.asarray(model.masks[r]))
     return out
+
+
+def alternative_uv_readings(uv_map: Any, mask: Any) -> dict[str, Any]:
+    """The usual mistakes undone: ``what the map looks like it has -> the map read the other way``."""
+    xp = get_array_module(uv_map)
+    u, v = uv_map[..., 0], uv_map[..., 1]
+    flip = lambda a: xp.where(mask, 1.0 - a, 0.0)  # noqa: E731 - off-mask pixels stay 0
+    return {
+        "has its u and v channels swapped (use uv[..., ::-1])": xp.stack([v, u], -1).astype(xp.float32),
+        "has a flipped v axis (FLAME's layout has v up: use 1 - v)": xp.stack([u, flip(v)], -1).astype(xp.float32),
+        "has swapped channels and a flipped v axis": xp.stack([v, flip(u)], -1).astype(xp.float32),
+    }
+
+
+def _correspondence_hint(query: Any, uv_map: Any, mask: Any, delta_uv_sq: float, n: int) -> str:
+    """A sentence naming a reading of the UV map that finds far more correspondences, or ''."""
+    best, what = n, ""
+    for reading, alt in alternative_uv_readings(uv_map, mask).items():
+        k = int(uv_targets(query, alt, mask, delta_uv_sq)[1].sum())
+        if k > max(2 * best, 20):
+            best, what = k, reading
+    return f"; observation.uv looks like it {what}: read that way it gives {best} correspondences" if what else ""
 
 
 def downsample_normals(normals: Any, mask: Any, size: int) -> tuple[Any, Any]:
@@ -127,6 +157,8 @@ class FitProblem:
         checks: the input checks pending on the device (:class:`DeviceChecks`).
         host_faces: the model's faces on the host (sparse incidence matrices are built
             from them without reading the device).
+        maps: the validated observation ``(normals, uv, mask)`` at its own resolution
+            (used to diagnose convention mistakes), or None.
         history: one entry per recorded step (stage, iteration, device vector).
         n_renders: renders so far.
     """
@@ -143,6 +175,7 @@ class FitProblem:
         pp_prior: Any,
         checks: DeviceChecks | None = None,
         host_faces: Any = None,
+        maps: tuple[Any, Any, Any] | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -157,6 +190,7 @@ class FitProblem:
         self.n_renders = 0
         self.checks = checks if checks is not None else DeviceChecks(self.xp)
         self.host_faces = host_faces if host_faces is not None else model.faces
+        self.maps = maps
 
     @property
     def render_size(self) -> int:
@@ -277,6 +311,7 @@ def prepare(
         lambda n: FittingError(
             f"fit: only {n} FLAME vertices found a pixel with UV within sqrt(delta_uv_sq)={radius:.4f} "
             f"(need {min_t}); the UV map does not match the model's UV layout or the mask is wrong"
+            + _correspondence_hint(query, uv_d, mask_d, config.delta_uv_sq, n)
         ),
     )
     # all queried vertices keep their row (fixed shapes on the device); `valid` masks them
@@ -307,6 +342,7 @@ def prepare(
         asarray_on(xp, pp0, dtype),
         checks=checks,
         host_faces=model.faces,
+        maps=(normals_d, uv_d, mask_d),
     )
     timings["init"] = time.perf_counter() - t0
     return problem, state, timings

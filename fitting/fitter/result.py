@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -10,7 +10,7 @@ import numpy as np
 from ..base.camera import Camera
 from ..model.params import FlameParams
 
-__all__ = ["FitResult"]
+__all__ = ["FitResult", "fit_quality"]
 
 
 @dataclass
@@ -27,12 +27,21 @@ class FitResult:
             counts): every Adam step (stages ``"camera"`` and ``"fit"``); for the fast
             solver (stage ``"fast"``), every re-render (linearisation).
         iterations: solver steps run (Adam steps; for the fast solver, LM passes = tried steps).
-        converged: False only when the fast solver ran out of iterations or the paper
-            schedule ended with a higher energy than it started the fitting stage with.
+        converged: False when the fast solver ran out of iterations, the paper schedule
+            ended with a higher energy than it started the fitting stage with, or the fit
+            collapsed (see ``issues``).
         stop_reason: ``"tolerance"``, ``"no_decrease"``, ``"max_iterations"`` (fast) or
             ``"schedule"`` / ``"energy_increased"`` (paper).
         n_targets: valid UV correspondences.
         timings: seconds per stage.
+        quality: what a pipeline can threshold, each in [0, 1] (see :func:`fit_quality`):
+            ``uv_explained`` (fraction of the UV targets whose final reprojection is
+            within ``FitConfig.quality_uv_px`` pixels of a 512 px crop and visible),
+            ``normal_agreement`` (fraction of the observation-mask pixels, at the render
+            resolution, that the fitted head covers with a normal inside the outlier
+            cut) and ``confidence`` (their geometric mean).
+        issues: what is wrong with the result or its input, one sentence each (empty for
+            a good fit); a fit with issues about its quality is not ``converged``.
     """
 
     params: FlameParams
@@ -46,6 +55,8 @@ class FitResult:
     stop_reason: str
     n_targets: int
     timings: dict[str, float]
+    quality: dict[str, float] = field(default_factory=dict)
+    issues: list[str] = field(default_factory=list)
 
     @property
     def report(self) -> dict[str, Any]:
@@ -56,5 +67,39 @@ class FitResult:
             "stop_reason": self.stop_reason,
             "energies": self.energies,
             "n_targets": self.n_targets,
+            "quality": self.quality,
+            "issues": self.issues,
             "timings": self.timings,
         }
+
+
+def fit_quality(
+    n_explained: int, n_targets: int, n_normal_active: int, n_mask: int, min_fraction: float, uv_px: float
+) -> tuple[dict[str, float], list[str]]:
+    """The :attr:`FitResult.quality` summary and the issues it raises.
+
+    Args:
+        n_explained: UV targets reprojected within ``uv_px`` (of a 512 px crop) and visible.
+        n_targets: valid UV targets.
+        n_normal_active: mask pixels covered with a normal inside the outlier cut.
+        n_mask: observation-mask pixels at the render resolution.
+        min_fraction: below this ``uv_explained`` or ``normal_agreement`` the fit's terms
+            have collapsed (the head explains too little of the maps): an issue.
+        uv_px: the tolerance, for the message.
+    """
+    uv = n_explained / max(n_targets, 1)
+    normal = n_normal_active / max(n_mask, 1)
+    quality = {"uv_explained": uv, "normal_agreement": normal, "confidence": float((uv * normal) ** 0.5)}
+    issues = []
+    if uv < min_fraction:
+        issues.append(
+            f"only {100 * uv:.0f}% of the {n_targets} UV targets are explained within {uv_px:g} px "
+            f"(at 512 px; need {100 * min_fraction:.0f}%): the fitted head does not match the UV map"
+        )
+    if normal < min_fraction:
+        issues.append(
+            f"only {100 * normal:.0f}% of the {n_mask} face-mask pixels are covered by the fitted head with an "
+            f"agreeing normal (need {100 * min_fraction:.0f}%): the fitted head does not match the normal map"
+        )
+    return quality, issues
+

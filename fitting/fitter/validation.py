@@ -107,6 +107,17 @@ def validate_observation(
         lambda n: n == 0,
         lambda n: InputError(f"fit: {n} masked pixels have NaN/inf in observation.uv or observation.normals"),
     )
+    # UV in [0, 1] (the FLAME layout's range); a raw [-1, 1] network output or 8/16-bit codes
+    # put many masked pixels outside it
+    out_of_range = ((uv < -0.01) | (uv > 1.01)).any(-1) & mask & ~bad
+    checks.require(
+        out_of_range.sum(),
+        lambda n: n == 0,
+        lambda n: InputError(
+            f"fit: {n} masked pixels of observation.uv are outside [0, 1]; expected FLAME UV coordinates in [0, 1] "
+            "(a raw network output in [-1, 1] needs (x + 1) / 2; 8/16-bit codes need dividing by 255 / 65535)"
+        ),
+    )
     min_px = config.min_mask_pixels
     checks.require(
         mask.sum(),

@@ -167,6 +167,13 @@ def read_flame_arrays(path: str | PathLike[str]) -> dict[str, Any]:
     posedirs = _float_array(d, "posedirs", (V, 3, N_POSE_BASIS), source)
     J_regressor = _float_array(d, "J_regressor", (N_JOINTS, V), source)
     weights = _float_array(d, "weights", (V, N_JOINTS), source)
+    row_sums = weights.sum(1)
+    worst = int(np.argmax(np.abs(row_sums - 1.0)))
+    if not np.all(np.isfinite(weights)) or abs(row_sums[worst] - 1.0) > 1e-3 or weights.min() < -1e-6:
+        raise ModelFileError(
+            f"{source}: key 'weights' (skinning weights) must be finite, >= 0 and sum to 1 per vertex; "
+            f"vertex {worst} sums to {row_sums[worst]:.6g} (min weight {weights.min():.3g})"
+        )
     table = _as_array(_require(d, "kintree_table", source, (2, N_JOINTS)), "kintree_table", source)
     parents = _parents_from_kintree(table, source)
     for key, supported in (("bs_style", "lbs"), ("bs_type", "lrotmin")):

@@ -462,6 +462,16 @@ def test_wrong_shape_names_file_key_and_shapes(io_model: FlameModel, tmp_path: P
     assert str(path) in msg and "'weights'" in msg and "(50, 4)" in msg and "expected (50, 5)" in msg
 
 
+def test_skinning_weights_must_sum_to_one(io_model: FlameModel, tmp_path: Path) -> None:
+    d = flame_dict(io_model)
+    w = np.array(d["weights"], dtype=np.float64)
+    w[7] *= 0.5
+    d["weights"] = w
+    path = write_pickle(tmp_path / "m.pkl", d)
+    with pytest.raises(ModelFileError, match=r"'weights' \(skinning weights\) must .* sum to 1 .*vertex 7 sums to 0\.5"):
+        FlameModel.load(path)
+
+
 def test_face_index_out_of_range(io_model: FlameModel, tmp_path: Path) -> None:
     d = flame_dict(io_model)
     d["f"] = d["f"].copy()
