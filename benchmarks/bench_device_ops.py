@@ -67,8 +67,8 @@ def main() -> None:
     pf, _ = run(FitConfig(solver="paper", paper_camera_steps=0, paper_steps=6, **base))
     rows.append(("paper: fitting-stage Adam step", {k: pf[k] - p0[k] for k in p0}, 6))
     # fast: per LM pass, over early passes (the solver has not stopped yet: every pass runs)
-    f1, n1 = run(FitConfig(solver="fast", fast_uv_iterations=0, fast_iterations=2, **base))
-    f2, n2 = run(FitConfig(solver="fast", fast_uv_iterations=0, fast_iterations=5, **base))
+    f1, n1 = run(FitConfig(solver="fast", fast_iterations=2, **base))
+    f2, n2 = run(FitConfig(solver="fast", fast_iterations=5, **base))
     if (n1, n2) != (2, 5):
         raise SystemExit(f"the LM stopped early ({n1}, {n2} passes); per-pass counts would be wrong")
     rows.append(("fast: LM pass", {k: f2[k] - f1[k] for k in f1}, 3))

@@ -77,12 +77,14 @@ class FitConfig:
         paper_camera_steps / paper_steps: Adam steps of the camera stage / full stage.
         lr_*: Adam learning rates per variable group (paper: shape 1e-3, expr 3e-3).
         rerender_every: steps between re-renders (face ids, visibility) in the paper solver.
+        init_uv_iterations: Levenberg-Marquardt passes of the initialisation's non-rigid
+            stage, before either solver (UV term and regulariser over every variable, UV
+            cap widened by ``init_uv_cap_scale``); 0 starts the solvers from the rigid
+            initialisation.
         quality_uv_px: a UV target counts as explained in :attr:`FitResult.quality` when
             its final reprojection is within this many pixels of a 512 px crop.
         quality_min: a fit explaining less than this fraction of its UV targets or of its
             mask's normals is reported as collapsed (not converged, with an issue).
-        fast_uv_iterations: passes of the fast solver's first stage (UV term and
-            regulariser only, UV cap widened by ``fast_uv_cap_scale``); 0 skips it.
         fast_iterations: Levenberg-Marquardt passes of the fast solver's full stage (one
             tried step each; an accepted step is followed by a re-render and a new
             linearisation).
@@ -113,10 +115,10 @@ class FitConfig:
     lr_log_f: float = 3e-3
     lr_pp: float = 0.1
     rerender_every: int = 1
+    init_uv_iterations: int = 10
+    init_uv_cap_scale: float = 4.0
     quality_uv_px: float = 5.0
     quality_min: float = 0.15
-    fast_uv_iterations: int = 10
-    fast_uv_cap_scale: float = 4.0
     fast_iterations: int = 30
     fast_normal_stride: int = 2
     fast_tolerance: float = 5e-3

@@ -6,7 +6,7 @@ mistakes: normals with a flipped sign or in the other space (head vs camera), UV
 channels swapped or its v axis flipped. Each alternative reading of the maps is scored the
 way the fit is: normals by the fraction of mask pixels the fitted head explains within the
 outlier cut (at the fitted state: the UV term alone places the head), UV by the fraction of
-targets a rigid initialisation explains within the fast solver's widened UV cap (new correspondences for each
+targets a rigid initialisation explains within the initialisation's widened UV cap (new correspondences for each
 reading). An alternative that explains the maps clearly better (more than half of them and
 at least twice as much as the declared reading) is reported as a specific
 :class:`~p3dmm.fitting.base.errors.InputError`: the result of such a fit is not returned.
@@ -66,7 +66,7 @@ def uv_consistency(problem: FitProblem, uv_map: object, mask: object) -> float:
     state = init_rigid(model, uvt, f0, problem.pp_prior, (H, W), cfg.weights, fix_focal=cfg.focal is not None)
     frame = problem.render(state)
     # the rigid template is far from a strong expression: the UV stage's wide cap
-    wide = replace(cfg.weights, uv_cap_px=cfg.weights.uv_cap_px * cfg.fast_uv_cap_scale)
+    wide = replace(cfg.weights, uv_cap_px=cfg.weights.uv_cap_px * cfg.init_uv_cap_scale)
     res = uv_residuals(state, flame_forward(model, state.params())[0], uvt, frame, wide, problem.size)
     return float(res.active.sum()) / n
 

@@ -57,6 +57,7 @@ from .state import FitState, Frame, NormalTargets
 __all__ = [
     "STOP_REASONS",
     "free_variables",
+    "init_with_uv",
     "levenberg_marquardt",
     "VertexJacobian",
     "normal_equations",
@@ -410,31 +411,33 @@ def free_variables(problem: FitProblem) -> np.ndarray:
     return free
 
 
-def solve_fast(problem: FitProblem, state: FitState) -> tuple[FitState, Any, Any]:
-    """Minimise the energy from ``state``: a UV stage, then the full energy.
+def init_with_uv(problem: FitProblem, state: FitState) -> tuple[FitState, Any]:
+    """The non-rigid part of the initialisation, shared by both solvers.
 
-    The UV stage (``fast_uv_iterations`` passes, history stage ``"fast_uv"``) minimises the
-    UV term and the regulariser alone with the UV cap widened ``fast_uv_cap_scale`` times:
-    a rigid initialisation far from a strong expression or an extreme pose leaves most
-    targets beyond the normal cap, where the truncated term is flat. Then the full energy
-    (``fast_iterations`` passes, stage ``"fast"``). Each stage is a run of
-    :func:`levenberg_marquardt`, whose energies are comparable within the stage.
+    ``init_uv_iterations`` Levenberg-Marquardt passes (history stage ``"init_uv"``) on the
+    UV term and the regulariser alone, with the UV cap widened ``init_uv_cap_scale``
+    times, over every variable. A rigid start far from a strong expression or an extreme
+    pose leaves most targets beyond the normal cap, where the truncated term is flat and
+    neither solver can move them.
 
     Returns:
-        (state, passes, stop code) as :func:`levenberg_marquardt`; passes of both stages
-        are counted, the stop code is the full stage's (or ``"non_finite"`` from either).
+        (state, stop code) as :func:`levenberg_marquardt`.
     """
     cfg = problem.config
-    w = cfg.weights
-    passes: Any = 0
-    first_code: Any = 0
-    if cfg.fast_uv_iterations > 0:
-        uv_w = replace(w, normal=0.0, uv_cap_px=w.uv_cap_px * cfg.fast_uv_cap_scale)
-        state, passes, first_code = levenberg_marquardt(problem, state, uv_w, None, cfg.fast_uv_iterations, "fast_uv")
+    w = replace(cfg.weights, normal=0.0, uv_cap_px=cfg.weights.uv_cap_px * cfg.init_uv_cap_scale)
+    state, _, code = levenberg_marquardt(problem, state, w, None, cfg.init_uv_iterations, "init_uv")
+    return state, code
+
+
+def solve_fast(problem: FitProblem, state: FitState) -> tuple[FitState, Any, Any]:
+    """Minimise the full energy from ``state`` (``fast_iterations`` passes, stage ``"fast"``).
+
+    Returns:
+        (state, passes, stop code) as :func:`levenberg_marquardt`.
+    """
+    cfg = problem.config
     normals = strided_normals(problem.normals, cfg.fast_normal_stride)
-    state, p2, code = levenberg_marquardt(problem, state, w, normals, cfg.fast_iterations, "fast")
-    xp = problem.xp
-    return state, passes + p2, xp.where(xp.asarray(first_code) == 3, 3, code)
+    return levenberg_marquardt(problem, state, cfg.weights, normals, cfg.fast_iterations, "fast")
 
 
 def levenberg_marquardt(

@@ -27,7 +27,7 @@ from ..model.params import FlameParams
 from .config import FitConfig, Observation
 from .conventions import check_conventions
 from .energy import EnergyTerms, uv_residuals
-from .fast import STOP_REASONS, solve_fast
+from .fast import STOP_REASONS, init_with_uv, solve_fast
 from .paper import paper_outcome, solve_paper
 from .problem import prepare
 from .result import FitResult, fit_quality
@@ -63,6 +63,11 @@ def fit(
     xp = resolve_device(device)
     problem, state, timings = prepare(observation, model, config, xp)
     H, W = problem.size
+    t0 = time.perf_counter()
+    init_code: Any = xp.zeros((), dtype=xp.int64)
+    if config.init_uv_iterations > 0:
+        state, init_code = init_with_uv(problem, state)
+    timings["init"] += time.perf_counter() - t0
 
     # ---------------------------------------------------------------- solve
     t0 = time.perf_counter()
@@ -97,10 +102,14 @@ def fit(
         n_targets=problem.uv.n_targets,
         n_explained=explained.sum(),
         n_mask=problem.normals.n_mask,
+        init_code=init_code,
         **extra,
     )
     problem.checks.raise_failed(host["checks"])
     history = problem.history_dicts(host["history"])
+    if STOP_REASONS[int(host["init_code"])] == "non_finite":
+        first = next((h for h in history if not math.isfinite(h["total"])), {})
+        raise FittingError(f"fit: non-finite energy in the UV initialisation ({first}); check the observation maps")
     if config.solver == "fast":
         iterations = int(host["passes"])
         stop_reason = STOP_REASONS[int(host["code"])]

@@ -221,7 +221,8 @@ def test_solver_steps_upload_nothing(tmp_path: Path, head: FlameModel) -> None:
 
 
 @pytest.mark.parametrize(("solver", "match"), [("fast", "non-finite energy at fast-solver iteration 3"),
-                                               ("paper", "energy became non-finite first in the camera stage at step 5")])  # fmt: skip
+                                               ("paper", "energy became non-finite first in the camera stage at step 5"),
+                                               ("init", "non-finite energy in the UV initialisation")])  # fmt: skip
 @pytest.mark.parametrize("device", ["cpu", "emulated"])
 def test_non_finite_energy_during_the_solve_is_an_error(tmp_path, head, monkeypatch, solver, match, device):
     """A NaN energy never yields a result, on either device (on the GPU it is noticed at the end)."""
@@ -233,13 +234,15 @@ def test_non_finite_energy_during_the_solve_is_an_error(tmp_path, head, monkeypa
     def poisoned(*args, **kwargs):
         terms = orig(*args, **kwargs)
         calls[0] += 1
-        if calls[0] > (4 if solver == "fast" else 5):  # LM: 2 evaluations per pass; Adam: 1 per step
+        if calls[0] > (5 if solver == "paper" else 4):  # LM: 2 evaluations per pass; Adam: 1 per step
             terms.uv = terms.uv * np.nan
         return terms
 
     monkeypatch.setattr(problem, "evaluate_energy", poisoned)
     obs = _observe(head, _params(head, 1, 0.8, 0.15, 20.0), size=SIZE)
-    cfg = FitConfig(solver=solver, render_size=64, paper_camera_steps=8, paper_steps=4, fast_iterations=6)
+    init = 6 if solver == "init" else 0  # poison the initialisation's UV stage, or the solver
+    cfg = FitConfig(solver="fast" if solver == "init" else solver, render_size=64, paper_camera_steps=8, paper_steps=4,
+                    fast_iterations=6, init_uv_iterations=init)  # fmt: skip
     if device == "cpu":
         with pytest.raises(FittingError, match=match):
             fit(obs, head, cfg, device="cpu")
