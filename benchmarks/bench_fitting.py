@@ -1,7 +1,8 @@
 """Fitting time and accuracy: torch-autograd baseline vs p3dmm's paper and fast solvers.
 
 All three fit the same oracle maps of the synthetic head in one run, from the same
-initial state (p3dmm's closed-form initialisation from UV correspondences):
+initial state (p3dmm's initialisation from UV correspondences: rigid, then the
+non-rigid UV stage):
 
 * ``torch baseline``: the paper's loop written with torch autograd (same energy as
   p3dmm, Adam with the paper's learning rates, the official schedule: 500 camera steps,
@@ -116,6 +117,7 @@ def torch_baseline(obs, model, config, threads):  # -> (posed vertices, neutral 
 
     import numpy as np
     import torch
+    from p3dmm.fitting.fitter.fast import init_with_uv
     from p3dmm.fitting.fitter.problem import prepare
     from p3dmm.fitting.fitter.state import FitState
 
@@ -123,6 +125,8 @@ def torch_baseline(obs, model, config, threads):  # -> (posed vertices, neutral 
 
     torch.set_num_threads(threads)
     problem, state, _ = prepare(obs, model, config, np)
+    if config.init_uv_iterations > 0:  # the same start as p3dmm's solvers: fit() runs this after prepare
+        state, _ = init_with_uv(problem, state)
     tens = {n: torch.tensor(np.asarray(getattr(state, n)), requires_grad=True) for n in FitState.NAMES}
     lrs = {"shape": config.lr_shape, "expr": config.lr_expr, "pose": config.lr_pose, "t": config.lr_t,
            "log_f": config.lr_log_f, "pp": config.lr_pp}
