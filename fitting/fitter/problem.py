@@ -7,7 +7,9 @@ history) and :func:`prepare`, which builds it from an observation.
 2. UV correspondences, once: every valid FLAME vertex (``config.uv_regions``, eyeballs
    excluded) gets the pixel whose predicted UV is nearest its template UV
    (:func:`p3dmm.fitting.fitter.uv_nn.uv_targets`), kept if closer than ``delta_uv_sq``;
-3. initialisation from those correspondences alone (:mod:`.init`).
+3. the rigid initialisation from those correspondences alone (:mod:`.init`); its
+   non-rigid UV stage, which runs the Levenberg-Marquardt loop, follows in
+   :func:`p3dmm.fitting.fit` (:func:`.fast.init_with_uv`).
 
 The solvers (:mod:`.paper`, :mod:`.fast`) are peers over a :class:`FitProblem`;
 :func:`p3dmm.fitting.fit` ties them together. Arrays stay on the fitting device (NumPy or
