@@ -85,6 +85,10 @@ class FitConfig:
             its final reprojection is within this many pixels of a 512 px crop.
         quality_min: a fit explaining less than this fraction of its UV targets or of its
             mask's normals is reported as collapsed (not converged, with an issue).
+        quality_atlas_min: a UV map with less than this fraction of its mask pixels on the
+            model's UV atlas is reported as being in another layout (an issue and a
+            :class:`~p3dmm.fitting.base.errors.ConventionWarning`; occluders and a
+            predictor's errors leave about 80-100% on it).
         fast_iterations: Levenberg-Marquardt passes of the fast solver's full stage (one
             tried step each; an accepted step is followed by a re-render and a new
             linearisation).
@@ -119,6 +123,7 @@ class FitConfig:
     init_uv_cap_scale: float = 4.0
     quality_uv_px: float = 5.0
     quality_min: float = 0.15
+    quality_atlas_min: float = 0.7
     fast_iterations: int = 30
     fast_normal_stride: int = 2
     fast_tolerance: float = 5e-3

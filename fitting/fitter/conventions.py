@@ -12,6 +12,14 @@ at least twice as much as the declared reading) is reported as a specific
 :class:`~p3dmm.fitting.base.errors.InputError`: the result of such a fit is not returned.
 UV outside [0, 1] is caught earlier, by the input validation.
 
+Every fit also counts the mask pixels whose UV lies on the model's UV atlas
+(:func:`uv_in_atlas`; a device reduction, read back with the result): UV in another
+layout, or rescaled to its own min/max, reads off the atlas and is reported as an issue
+with a :class:`~p3dmm.fitting.base.errors.ConventionWarning`. A small affine rescale
+inside the atlas (``0.9 u + 0.05``) cannot be told from the data: the fit deforms the head
+to match it, its error is that of a predictor's UV error of the same size, and nothing
+flags it.
+
 This runs only after a collapsed fit, after its result has been read: good fits pay
 nothing for it, and on the GPU it is the one place a fit reads the device again.
 """
@@ -31,7 +39,10 @@ from .problem import FitProblem, alternative_uv_readings, downsample_normals, uv
 from .state import FitState, Frame, NormalTargets, UVTargets
 from .uv_nn import uv_targets
 
-__all__ = ["check_conventions", "normal_agreement", "uv_consistency"]
+__all__ = ["ATLAS_RESOLUTION", "check_conventions", "normal_agreement", "uv_consistency", "uv_in_atlas"]
+
+#: Texels per side of the atlas coverage image :func:`uv_in_atlas` reads (2 texels of margin).
+ATLAS_RESOLUTION = 512
 
 #: An alternative reading must explain more than this fraction, and twice the declared one.
 _CLEARLY = 0.5
@@ -47,6 +58,21 @@ def normal_agreement(problem: FitProblem, state: FitState, frame: Frame, normals
     R_out = output_rotation(state, normals.space)
     nr = normal_residuals(verts, problem.model.faces, frame, normals, pix, R_out, problem.config.weights)
     return float(nr.keep.sum()) / max(float(normals.n_mask), 1.0)
+
+
+def uv_in_atlas(problem: FitProblem) -> object:
+    """0-d device count of the observation's mask pixels whose UV lies on the model's UV atlas
+    (:meth:`~p3dmm.fitting.model.arrays.FlameUV.coverage` at :data:`ATLAS_RESOLUTION`)."""
+    xp = problem.xp
+    if problem.maps is None or problem.model.uv is None:
+        return xp.zeros((), dtype=xp.int64)
+    _, uv_map, mask = problem.maps
+    cov = asarray_on(xp, problem.model.uv.coverage(ATLAS_RESOLUTION))
+    R = ATLAS_RESOLUTION
+    # every pixel, masked afterwards: boolean indexing would read its size back from the GPU
+    col = xp.clip((uv_map[..., 0] * R).astype(xp.int64), 0, R - 1)
+    row = xp.clip(((1.0 - uv_map[..., 1]) * R).astype(xp.int64), 0, R - 1)
+    return (cov[row, col] & mask).sum()
 
 
 def uv_consistency(problem: FitProblem, uv_map: object, mask: object) -> float:

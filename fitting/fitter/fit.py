@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 
 from ..base.camera import FLAME_TO_OPENCV, Camera
-from ..base.errors import FittingError, FitQualityWarning
+from ..base.errors import ConventionWarning, FittingError, FitQualityWarning
 from ..base.xp import download, resolve_device
 from ..model.flame_model import FlameModel
 from ..model.lbs import flame_forward
 from ..model.params import FlameParams
 from .config import FitConfig, Observation
-from .conventions import check_conventions
+from .conventions import check_conventions, uv_in_atlas
 from .energy import EnergyTerms, uv_residuals
 from .fast import STOP_REASONS, init_with_uv, solve_fast
 from .paper import paper_outcome, solve_paper
@@ -102,6 +102,8 @@ def fit(
         n_targets=problem.uv.n_targets,
         n_explained=explained.sum(),
         n_mask=problem.normals.n_mask,
+        n_in_atlas=uv_in_atlas(problem),
+        n_mask_full=problem.maps[2].sum() if problem.maps is not None else 0,
         init_code=init_code,
         **extra,
     )
@@ -141,18 +143,25 @@ def fit(
         width=W,
         height=H,
     )
-    quality, issues = fit_quality(
+    quality, issues, layout = fit_quality(
         int(host["n_explained"]),
         int(host["n_targets"]),
         int(energies["n_normal_active"]),
         int(host["n_mask"]),
         config.quality_min,
         config.quality_uv_px,
+        n_in_atlas=int(host["n_in_atlas"]),
+        n_mask_full=int(host["n_mask_full"]),
+        min_in_atlas=config.quality_atlas_min,
     )
     if issues:
         check_conventions(problem, state)  # raises an InputError naming a clear convention mistake
         converged = False
-        warnings.warn("fit: " + "; ".join(issues), FitQualityWarning, stacklevel=2)
+        quality_issues = [s for s in issues if s not in layout]
+        if quality_issues:
+            warnings.warn("fit: " + "; ".join(quality_issues), FitQualityWarning, stacklevel=2)
+        if layout:
+            warnings.warn("fit: " + "; ".join(layout), ConventionWarning, stacklevel=2)
     neutral = model.neutral_vertices(params_h.astype(np, model.dtype)).astype(np.float32)
     timings["total"] = time.perf_counter() - t_start
     return FitResult(

@@ -39,7 +39,10 @@ class FitResult:
             within ``FitConfig.quality_uv_px`` pixels of a 512 px crop and visible),
             ``normal_agreement`` (fraction of the observation-mask pixels, at the render
             resolution, that the fitted head covers with a normal inside the outlier
-            cut) and ``confidence`` (their geometric mean).
+            cut), ``confidence`` (the geometric mean of those two) and ``uv_in_atlas``
+            (fraction of the full-resolution mask pixels whose UV lies on the model's UV
+            atlas, :func:`~p3dmm.fitting.fitter.conventions.uv_in_atlas`; about 1 for UV
+            in the model's layout, up to the share an occluder covers).
         issues: what is wrong with the result or its input, one sentence each (empty for
             a good fit); a fit with issues about its quality is not ``converged``.
     """
@@ -74,8 +77,16 @@ class FitResult:
 
 
 def fit_quality(
-    n_explained: int, n_targets: int, n_normal_active: int, n_mask: int, min_fraction: float, uv_px: float
-) -> tuple[dict[str, float], list[str]]:
+    n_explained: int,
+    n_targets: int,
+    n_normal_active: int,
+    n_mask: int,
+    min_fraction: float,
+    uv_px: float,
+    n_in_atlas: int | None = None,
+    n_mask_full: int = 0,
+    min_in_atlas: float = 0.0,
+) -> tuple[dict[str, float], list[str], list[str]]:
     """The :attr:`FitResult.quality` summary and the issues it raises.
 
     Args:
@@ -86,6 +97,13 @@ def fit_quality(
         min_fraction: below this ``uv_explained`` or ``normal_agreement`` the fit's terms
             have collapsed (the head explains too little of the maps): an issue.
         uv_px: the tolerance, for the message.
+        n_in_atlas: full-resolution mask pixels whose UV lies on the UV atlas (None: not counted).
+        n_mask_full: full-resolution mask pixels.
+        min_in_atlas: below this ``uv_in_atlas`` the UV map is not in the model's layout: an issue.
+
+    Returns:
+        (quality, issues, the issues among them about the UV layout: a convention mistake
+        rather than a poor fit).
     """
     uv = n_explained / max(n_targets, 1)
     normal = n_normal_active / max(n_mask, 1)
@@ -101,5 +119,15 @@ def fit_quality(
             f"only {100 * normal:.0f}% of the {n_mask} face-mask pixels are covered by the fitted head with an "
             f"agreeing normal (need {100 * min_fraction:.0f}%): the fitted head does not match the normal map"
         )
-    return quality, issues
+    layout = []
+    if n_in_atlas is not None:
+        on = n_in_atlas / max(n_mask_full, 1)
+        quality["uv_in_atlas"] = on
+        if on < min_in_atlas:
+            layout.append(
+                f"only {100 * on:.0f}% of the {n_mask_full} mask pixels carry a UV on the model's UV atlas (need "
+                f"{100 * min_in_atlas:.0f}%): observation.uv is not in this model's UV layout (another layout, or "
+                "rescaled, e.g. normalised to its own min/max)"
+            )
+    return quality, issues + layout, layout
 

@@ -9,6 +9,7 @@ the forward pass on top.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TypeVar
@@ -72,6 +73,34 @@ class FlameUV:
         counts = np.bincount(pairs[:, 0], minlength=n_vertices)
         seam = np.nonzero(counts > 1)[0].astype(np.int64)
         return FlameUV(vt=vt, ft=ft, vertex_uv=vertex_uv, seam_vertices=seam)
+
+    def coverage(self, resolution: int = 512, margin: int = 2) -> np.ndarray:
+        """``(resolution, resolution) bool``: the texels of the UV atlas that some UV triangle
+        covers, dilated by ``margin`` texels; row 0 is v = 1 (image order, v up).
+
+        A UV map in this layout reads UVs on the atlas only (up to the predictor's error);
+        :func:`~p3dmm.fitting.fitter.conventions.uv_in_atlas` counts those that do.
+        Memoised per layout and arguments.
+        """
+        key = (resolution, margin)
+        cache = _COVERAGE.setdefault(self, {})
+        if key not in cache:
+            # Pillow's polygon fill: a scan-line fill of ~10k triangles, once per layout
+            from PIL import Image, ImageDraw
+            from scipy import ndimage
+
+            img = Image.new("1", (resolution, resolution), 0)
+            draw = ImageDraw.Draw(img)
+            tris = self.vt[self.ft].astype(np.float64) * [resolution, -resolution] + [0.0, resolution]
+            for tri in tris:
+                draw.polygon([(float(x), float(y)) for x, y in tri], fill=1)
+            cov = np.asarray(img, dtype=bool)
+            cache[key] = ndimage.binary_dilation(cov, iterations=margin) if margin > 0 else cov
+        return cache[key]
+
+
+#: FlameUV -> {(resolution, margin): coverage}
+_COVERAGE: "weakref.WeakKeyDictionary[FlameUV, dict[tuple[int, int], np.ndarray]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True, eq=False)

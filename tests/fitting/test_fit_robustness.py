@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 from p3dmm.fitting import Camera, FitConfig, FittingError, FlameModel, InputError, Observation, fit, render_maps
-from p3dmm.fitting.base.errors import FitQualityWarning
+from p3dmm.fitting.base.errors import ConventionWarning, FitQualityWarning
 from p3dmm.fitting.base.rotation import rotation_to_axis_angle
 from p3dmm.fitting.fitter.problem import prepare
 from p3dmm.fitting.fitter.state import FitState
@@ -127,7 +127,7 @@ def test_bad_known_camera_values_are_input_errors():
 
 
 # ------------------------------------------------------------------- map sizes
-@pytest.mark.parametrize("size", [64, 128, 200, 1024])
+@pytest.mark.parametrize("size", [64, 128, 200, 1024, 2048])
 def test_any_map_size_fits(head, size):
     p = _face(head, 11)
     _, obs = _observe(head, p, size=size)
@@ -180,6 +180,27 @@ def test_convention_mistakes_are_named(head, mistake, match):
         obs = Observation(obs.normals, obs.uv * 2 - 1, obs.mask)
     with pytest.raises(InputError, match=match):
         fit(obs, head, FitConfig())
+
+
+def test_uv_off_the_atlas_is_a_named_issue(head):
+    """UV normalised to its own min/max (a visualisation mistake) reads off the UV atlas."""
+    p = _face(head, 13)
+    _, obs = _observe(head, p)
+    u = obs.uv[obs.mask]
+    lo, hi = u.min(0), u.max(0)
+    uv = np.where(obs.mask[..., None], (obs.uv - lo) / (hi - lo), 0).astype(np.float32)
+    with pytest.warns(ConventionWarning, match="observation.uv is not in this model's UV layout"):
+        r = fit(Observation(obs.normals, uv, obs.mask), head, FitConfig())
+    assert not r.converged and r.quality["uv_in_atlas"] < 0.7
+    assert any("UV atlas" in s for s in r.issues)
+    # the model's own layout, also with a predictor's errors and an occluder: on the atlas
+    rng = np.random.default_rng(1)
+    noisy = corruption.occluder(corruption.uv_error(obs, rng), rng)
+    for o in (obs, noisy):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConventionWarning)
+            r = fit(o, head, FitConfig())
+        assert r.quality["uv_in_atlas"] > 0.8 and not any("UV atlas" in s for s in r.issues)
 
 
 def test_flipped_v_is_named_when_nothing_corresponds(head):

@@ -23,6 +23,7 @@ from p3dmm.fitting import (
 )
 from p3dmm.fitting.base import mesh_io
 from p3dmm.fitting.model import flame_files, unpickle
+from p3dmm.fitting.model.arrays import FlameUV
 
 V, F, T = 50, 60, 57
 
@@ -595,3 +596,15 @@ def test_synthetic_head_round_trip(tmp_path: Path) -> None:
         np.testing.assert_allclose(getattr(m, name), getattr(synthetic, name), rtol=0, atol=1e-7, err_msg=name)
     if synthetic.uv is not None:
         np.testing.assert_array_equal(m.uv.vertex_uv, synthetic.uv.vertex_uv)
+
+
+def test_uv_atlas_coverage_of_a_known_layout() -> None:
+    """One triangle over the lower-left half of UV space (v up): its texels, in image order."""
+    vt = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+    ft = faces = np.array([[0, 1, 2]])
+    uv = FlameUV.from_faces(vt, ft, faces, 3)
+    cov = uv.coverage(64, margin=0)
+    assert cov.shape == (64, 64) and abs(cov.mean() - 0.5) < 0.03
+    assert cov[-1, 0] and not cov[0, -1]  # u=0, v=0 is the bottom-left texel; u=1, v=1 the top-right
+    assert uv.coverage(64, margin=0) is cov  # memoised
+    assert uv.coverage(64, margin=2).sum() > cov.sum()
