@@ -40,6 +40,7 @@ from p3dmm.runtime.manifest import (
     Manifest,
     ModelEntry,
     read_manifest,
+    rebuild_command,
     sha256_file,
 )
 
@@ -104,18 +105,6 @@ class ExportOptions:
     build: BuildOptions = field(default_factory=BuildOptions)
     tolerances: dict[str, dict[str, float]] = field(default_factory=lambda: TOLERANCES)
     fp16_tolerances: dict[str, dict[str, float]] = field(default_factory=lambda: FP16_TOLERANCES)
-
-
-def rebuild_command(entry: ModelEntry, out: str | os.PathLike[str] = "DIR") -> str:
-    """The ``export-engines`` command that rebuilds ``entry``'s file (for error messages)."""
-    flags = [entry.source.get("path", "CHECKPOINT"), "--out", str(out)]
-    if entry.precision == "fp16":
-        flags.append("--fp16")
-    if entry.kind == "tensorrt":
-        flags.append("--tensorrt")
-    if entry.flip_tta:
-        flags.append("--flip-tta")
-    return "export-engines " + " ".join(flags)
 
 
 def _torch_runner(module: torch.nn.Module) -> Callable[[np.ndarray], dict[str, np.ndarray]]:

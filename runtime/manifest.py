@@ -45,6 +45,7 @@ __all__ = [
     "ModelEntry",
     "TensorSpec",
     "read_manifest",
+    "rebuild_command",
     "sha256_file",
 ]
 
@@ -186,6 +187,15 @@ class Manifest:
                 f"(the file was changed, truncated or replaced){hint}"
             )
         return path
+
+
+def rebuild_command(entry: ModelEntry, out: str | os.PathLike[str] = "DIR") -> str:
+    """The ``export-engines`` command that rebuilds ``entry``'s file into ``out`` (for error messages)."""
+    flags = [str(entry.source.get("path", "CHECKPOINT")), "--out", str(out)]
+    flags += ["--fp16"] if entry.precision == "fp16" else []
+    flags += ["--tensorrt"] if entry.kind == "tensorrt" else []
+    flags += ["--flip-tta"] if entry.flip_tta else []
+    return "export-engines " + " ".join(flags)
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> Manifest:

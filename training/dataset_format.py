@@ -53,7 +53,6 @@ Conventions:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -259,10 +258,7 @@ def uv_layout_id(uv: Any) -> str:
     """
     if uv is None:
         return "none"
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(np.asarray(uv.vt, dtype="<f4")).tobytes())
-    h.update(np.ascontiguousarray(np.asarray(uv.ft, dtype="<i8")).tobytes())
-    return "uv-" + h.hexdigest()[:16]
+    return uv.layout_id()
 
 
 # ------------------------------------------------------------------------ manifest

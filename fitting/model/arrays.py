@@ -9,6 +9,7 @@ the forward pass on top.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import weakref
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -74,15 +75,26 @@ class FlameUV:
         seam = np.nonzero(counts > 1)[0].astype(np.int64)
         return FlameUV(vt=vt, ft=ft, vertex_uv=vertex_uv, seam_vertices=seam)
 
-    def coverage(self, resolution: int = 512, margin: int = 2) -> np.ndarray:
+    def layout_id(self) -> str:
+        """Stable id of this layout: ``"uv-"`` + 16 hex digits of sha256(vt as little-endian
+        float32, ft as little-endian int64). Training data, checkpoints and engine
+        manifests record it, so the runtime can tell which model's UV a predictor outputs."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(np.asarray(self.vt, dtype="<f4")).tobytes())
+        h.update(np.ascontiguousarray(np.asarray(self.ft, dtype="<i8")).tobytes())
+        return "uv-" + h.hexdigest()[:16]
+
+    def coverage(self, resolution: int = 512, margin: int = 2, faces: np.ndarray | None = None) -> np.ndarray:
         """``(resolution, resolution) bool``: the texels of the UV atlas that some UV triangle
         covers, dilated by ``margin`` texels; row 0 is v = 1 (image order, v up).
 
         A UV map in this layout reads UVs on the atlas only (up to the predictor's error);
         :func:`~p3dmm.fitting.fitter.conventions.uv_in_atlas` counts those that do.
+        ``faces``: only these faces' UV triangles (e.g. a region's), else all.
         Memoised per layout and arguments.
         """
-        key = (resolution, margin)
+        subset = None if faces is None else np.unique(np.asarray(faces, dtype=np.int64))
+        key = (resolution, margin, None if subset is None else hashlib.sha1(subset.tobytes()).hexdigest())
         cache = _COVERAGE.setdefault(self, {})
         if key not in cache:
             # Pillow's polygon fill: a scan-line fill of ~10k triangles, once per layout
@@ -91,7 +103,8 @@ class FlameUV:
 
             img = Image.new("1", (resolution, resolution), 0)
             draw = ImageDraw.Draw(img)
-            tris = self.vt[self.ft].astype(np.float64) * [resolution, -resolution] + [0.0, resolution]
+            ft = self.ft if subset is None else self.ft[subset]
+            tris = self.vt[ft].astype(np.float64) * [resolution, -resolution] + [0.0, resolution]
             for tri in tris:
                 draw.polygon([(float(x), float(y)) for x, y in tri], fill=1)
             cov = np.asarray(img, dtype=bool)
@@ -99,8 +112,8 @@ class FlameUV:
         return cache[key]
 
 
-#: FlameUV -> {(resolution, margin): coverage}
-_COVERAGE: "weakref.WeakKeyDictionary[FlameUV, dict[tuple[int, int], np.ndarray]]" = weakref.WeakKeyDictionary()
+#: FlameUV -> {(resolution, margin, face subset digest): coverage}
+_COVERAGE: "weakref.WeakKeyDictionary[FlameUV, dict[tuple[int, int, str | None], np.ndarray]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True, eq=False)

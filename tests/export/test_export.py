@@ -363,14 +363,25 @@ def test_failed_validation_exits_1_with_the_table_and_writes_nothing(tmp_path, c
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # no model, no manifest, no staging
 
 
-def test_separate_runs_merge_into_one_manifest(tmp_path, tiny_normals):
+def test_separate_runs_merge_into_one_manifest_and_user_images_validate(tmp_path, tiny_normals, capsys):
+    from PIL import Image
+
     out = tmp_path / "e"
-    opts = ExportOptions(out=out, n_random=1, n_faces=0)
-    export_engines([str(tiny_normals)], opts)
+    export_engines([str(tiny_normals)], ExportOptions(out=out, n_random=1, n_faces=0))
     uv = _checkpoint(tmp_path / "uv.pt", "uv")
-    man = export_engines([str(uv)], opts)
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    rgb = (face_images(1, seed=9)[0].transpose(1, 2, 0) * 255).astype(np.uint8)
+    Image.fromarray(rgb).resize((300, 300)).save(crops / "face.png")  # any size: resized to 512
+    Image.fromarray(rgb).convert("L").save(crops / "grey.jpg")
+    man = export_engines([str(uv)], ExportOptions(out=out, n_random=1, validate_images=crops))
     assert sorted(m.file for m in man.models) == ["normals.onnx", "uv.onnx"]
     assert sorted(m.file for m in read_manifest(out).models) == ["normals.onnx", "uv.onnx"]
+    (crops / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    rc, err = _cli(capsys, str(uv), "--out", str(out), "--validate-images", str(crops))
+    assert rc == 2 and "broken.png is not a readable image" in err
+    rc, err = _cli(capsys, str(uv), "--out", str(out), "--validate-images", str(tmp_path / "none"))
+    assert rc == 2 and "is not a directory" in err
 
 
 def test_p3dmm_export_is_the_same_command(capsys):
@@ -379,3 +390,20 @@ def test_p3dmm_export_is_the_same_command(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["export", "--help"])
     assert "--tensorrt" in capsys.readouterr().out
+
+
+def test_official_normals_keep_the_official_conventions(tmp_path):
+    from p3dmm.export.sources import load_source
+    from p3dmm.training.official import OfficialConfig, OfficialNetwork
+
+    cfg = OfficialConfig(task="normals", n_views=1, hidden_dim=32, num_layers=1, num_heads=2)
+    sd = crc32_init_state_dict({k: v.shape for k, v in OfficialNetwork(cfg).state_dict().items()})
+    path = tmp_path / "official_normals.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in sd.items()},
+                "hyper_parameters": {"cfg": {"model": {"num_heads": 2}}}}, path)  # fmt: skip
+    src = load_source(path, flip_tta=False)
+    assert (src.task, src.normal_space, src.uv_layout, src.format) == ("normals", "head", None, "pixel3dmm-lightning")
+    assert src.config["backbone"] == "vit_small_patch16_224.dino" and src.outputs == ("normals",)
+    with torch.no_grad():
+        n = src.module(torch.rand(1, 3, 512, 512))["normals"]
+    assert n.shape == (1, 3, 512, 512) and torch.allclose(n.norm(dim=1), torch.ones(1, 512, 512), atol=1e-5)
