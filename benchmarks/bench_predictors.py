@@ -5,8 +5,9 @@ default head; ``vitb``: ViT-B/14 + the default head; random weights, which cost 
 as trained ones) the predictor is exported with the export-engines code path (fp32 ONNX,
 mixed-precision fp16 ONNX) and timed on every backend present: torch eager (CPU, and
 CUDA when present), ONNX Runtime CPU fp32 and fp16, ONNX Runtime CUDA fp32 / fp16 when
-the CUDA execution provider is installed. TensorRT plans need the runtime's native
-backend (not part of this script yet) and are listed as skipped with the reason.
+the CUDA execution provider is installed, and TensorRT fp32 / fp16 plans (built with the
+export code, run with the runtime's native backend) when TensorRT and a GPU are present;
+what is missing is listed as skipped with the reason.
 
 Prints a GitHub-markdown table: batch-1 latency (median ms), images/s at each larger
 batch, and each backend's batch-1 speed relative to torch eager on the same device.
@@ -59,7 +60,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     ort_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    skipped = {"tensorrt": "no native TensorRT backend in this script yet (runtime issue); ORT's TensorRT EP needs onnxruntime-gpu"}
+    import importlib.util
+
+    have_trt = importlib.util.find_spec("tensorrt") is not None and cuda
+    skipped = {} if have_trt else {"tensorrt": "TensorRT is not installed or there is no CUDA device"}
     if not cuda:
         skipped["torch cuda"] = "no CUDA device"
     if not ort_cuda:
@@ -113,6 +117,26 @@ def main() -> None:
         if ort_cuda:
             backends["ort cuda fp32"] = (ort_session(fp32, "CUDAExecutionProvider"), None)
             backends["ort cuda fp16"] = (ort_session(fp16, "CUDAExecutionProvider"), None)
+        if have_trt:  # plans built with the export code, run with the runtime's native backend
+            try:
+                from p3dmm.export.onnx_export import onnx_io
+                from p3dmm.export.tensorrt_build import BuildOptions, build_engine
+                from p3dmm.runtime.backends import TensorRTBackend
+                from p3dmm.runtime.manifest import Manifest, ModelEntry, sha256_file
+
+                import onnx
+
+                io = onnx_io(onnx.load(str(fp32)))
+                hi = max(args.batches)
+                for prec, src_onnx in (("fp32", fp32), ("fp16", fp16)):
+                    plan = tmp / f"{name}.{prec}.plan"
+                    record = build_engine(src_onnx, plan, io, BuildOptions(batch=(1, 1, hi), timing_cache=tmp / "timing.cache"))
+                    entry = ModelEntry(name=plan.stem, file=plan.name, task=args.task, kind="tensorrt", precision=prec,
+                                       inputs=io[0], outputs=io[1], sha256=sha256_file(plan), tensorrt=record)  # fmt: skip
+                    trt_backend = TensorRTBackend(tmp, entry, Manifest(models=[entry]))
+                    backends[f"tensorrt {prec}"] = (lambda x, b=trt_backend: b.infer({"image": x}), torch.cuda.synchronize)
+            except Exception as e:  # noqa: BLE001 - report, keep the other rows
+                skipped["tensorrt"] = f"{type(e).__name__}: {e}"
         rng = np.random.default_rng(0)
         for bname, (run, sync) in backends.items():
             row: dict[str, Any] = {"config": name, "backend": bname, "params_m": n_params / 1e6}
@@ -129,7 +153,8 @@ def main() -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|")
     for r in rows:
-        ref_name = "torch eager cuda" if "cuda" in r["backend"] else "torch eager cpu"
+        gpu_row = "cuda" in r["backend"] or r["backend"].startswith("tensorrt")
+        ref_name = "torch eager cuda" if gpu_row else "torch eager cpu"
         ref = next((q for q in rows if q["config"] == r["config"] and q["backend"] == ref_name), None)
         b1 = r.get("b1_ms")
         cells = [r["config"], r["backend"], f"{b1:.1f}" if b1 else "-"]

@@ -10,7 +10,7 @@ the TensorRT version and the GPU's compute capability), and offers
 
 * :class:`OrtBackend` (``"ort-cpu"``, ``"ort-cuda"``, ``"ort-tensorrt"``): ONNX Runtime
   with the CPU, CUDA or TensorRT execution provider (engine cache on, in
-  ``<engines>/.ort_trt_cache``). ONNX Runtime falls back to the CPU with only a warning
+  ``$P3DMM_CACHE/ort-tensorrt/<model sha256>``, default ``~/.cache/p3dmm``). ONNX Runtime falls back to the CPU with only a warning
   when a provider is unusable, so the provider really in use is checked with
   ``session.get_providers()`` and a fallback is a :class:`BackendUnavailableError`.
 * :class:`TensorRTBackend` (``"tensorrt"``): a native TensorRT plan run with
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,13 @@ class Backend:
         self.entry = entry
         self.path = manifest.verify_file(directory, entry, rebuild=rebuild_command(entry, self.directory))
         self._lock = threading.Lock()
+
+    @property
+    def max_batch(self) -> int | None:
+        """The largest batch the engine takes (a TensorRT plan's profile), None: any."""
+        if self.entry.tensorrt and self.entry.tensorrt.get("batch"):
+            return int(self.entry.tensorrt["batch"][2])
+        return None
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -133,8 +141,10 @@ class OrtBackend(Backend):
             opts.intra_op_num_threads = int(threads)
         providers: list[Any] = [provider]
         if kind == "ort-tensorrt":
-            cache = self.directory / ".ort_trt_cache"
-            cache.mkdir(exist_ok=True)
+            # a user cache, not the engine directory (which may be read-only, e.g. installed)
+            root = Path(os.environ.get("P3DMM_CACHE", Path.home() / ".cache" / "p3dmm"))
+            cache = root / "ort-tensorrt" / entry.sha256[:16]
+            cache.mkdir(parents=True, exist_ok=True)
             providers = [(provider, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                                      "trt_timing_cache_enable": True})]  # fmt: skip
         try:

@@ -69,9 +69,12 @@ def crop_camera_to_image(camera: Camera, left: int, top: int, side: int, width: 
 def mask_from_uv(uv: np.ndarray, model: FlameModel, regions: Sequence[str]) -> np.ndarray:
     """``(H, W) bool``: pixels whose UV (``(H, W, 2)``) lies on the atlas charts of ``regions``."""
     assert model.uv is not None
-    vids = np.concatenate([model.masks[r] for r in regions if r in model.masks])
-    keep = np.isin(np.asarray(model.faces), vids).all(axis=1)
-    cov = model.uv.coverage(512, margin=1, faces=np.nonzero(keep)[0])
+    found = [model.masks[r] for r in regions if r in model.masks]
+    if found:
+        keep = np.isin(np.asarray(model.faces), np.concatenate(found)).all(axis=1)
+        cov = model.uv.coverage(512, margin=1, faces=np.nonzero(keep)[0])
+    else:  # a model without region masks: the whole atlas
+        cov = model.uv.coverage(512, margin=1)
     R = cov.shape[0]
     col = np.clip((uv[..., 0] * R).astype(np.int64), 0, R - 1)
     row = np.clip(((1.0 - uv[..., 1]) * R).astype(np.int64), 0, R - 1)
@@ -285,7 +288,9 @@ class Reconstructor:
         Raises:
             NoFaceError: none found.
         """
-        boxes = sorted(self.detector.detect(image), key=lambda b: -b.area)
+        detector = self.detector
+        with self._detector_lock:  # detectors (dlib, OpenCV) are not documented as thread-safe
+            boxes = sorted(detector.detect(image), key=lambda b: -b.area)
         if not boxes:
             raise NoFaceError(f"{name}: no face found (detector {self.detector.name}); pass box='full' for a face crop "
                               "or box=(x0, y0, x1, y1)")  # fmt: skip
@@ -310,9 +315,8 @@ class Reconstructor:
         ``mask (B, 512, 512) bool``: host arrays, or CuPy arrays when the backend's outputs are
         on the GPU and the fit runs there (no host copy before the fit)."""
         x = np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
-        feeds = {"image": x}
-        n_out = self.normals.infer(feeds)
-        uv_out = self.uv.infer(feeds)
+        n_out = self._infer(self.normals, x)
+        uv_out = self._infer(self.uv, x)
         # a GPU backend's outputs (CuPy) stay on the device when the fit runs there
         on_device = self.device == "cuda" and not isinstance(n_out["normals"], np.ndarray)
         if not on_device:
@@ -327,6 +331,16 @@ class Reconstructor:
         else:
             mask = xp.asarray(np.stack([mask_from_uv(_host(u), self.model, self.config.uv_regions) for u in uv]))
         return {"normals": normals, "uv": uv, "mask": mask}
+
+    @staticmethod
+    def _infer(backend: Backend, x: np.ndarray) -> dict[str, Any]:
+        """``backend.infer`` in chunks of the engine's largest batch (a plan's profile)."""
+        step = backend.max_batch or len(x)
+        if len(x) <= step:
+            return backend.infer({"image": x})
+        parts = [backend.infer({"image": x[i : i + step]}) for i in range(0, len(x), step)]
+        xp = get_array_module(next(iter(parts[0].values())))
+        return {k: xp.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     # ------------------------------------------------------------------ calls
     def reconstruct(self, image: Any, box: Any = None, focal: float | None = None,
@@ -364,8 +378,9 @@ class Reconstructor:
         if len(boxes) != len(images):
             raise InputError(f"boxes: {len(boxes)} given for {len(images)} images")
         t_all = time.perf_counter()
-        items: list[Any] = []  # (index, image, box, crop, crop image, timings) or an error
+        items: list[Any] = []  # (index, image, box, crop, crop image, timings) or (index, error)
         for i, (img, box) in enumerate(zip(images, boxes)):
+            full = isinstance(box, str) and box == "full"
             name = str(img) if isinstance(img, (str, os.PathLike)) else f"images[{i}]"
             try:
                 timings: dict[str, float] = {}
@@ -377,7 +392,7 @@ class Reconstructor:
                 timings["detect"] = time.perf_counter() - t0
                 for fb in face_boxes:
                     t0 = time.perf_counter()
-                    left, top, side = crop_box(fb, rgb.shape[1], rgb.shape[0]) if box != "full" else _full(rgb)
+                    left, top, side = _full(rgb) if full else crop_box(fb, rgb.shape[1], rgb.shape[0])
                     crop = resize_crop(rgb, left, top, side, CROP_SIZE)
                     items.append((i, rgb, fb, (left, top, side), crop, dict(timings, crop=time.perf_counter() - t0)))
             except P3DMMError as e:
@@ -395,7 +410,7 @@ class Reconstructor:
         k = 0
         for slot, it in enumerate(items):
             if len(it) == 2:
-                results[it[0]] = it[1]
+                results[slot if all_faces else it[0]] = it[1]
                 continue
             i, rgb, fb, (left, top, side), crop, timings = it
             m = {name: maps[name][k] for name in maps}

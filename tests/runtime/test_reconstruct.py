@@ -287,3 +287,111 @@ def test_reconstruct_command_reports_bad_files_and_resumes(scene, tmp_path, caps
     assert "0 reconstructed, 1 failed, 2 already done (of 3)" in capsys.readouterr().out
     assert main(["reconstruct", str(tmp_path / "nothing"), "--engines", str(scene["engines"]), "--out", str(out)]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ real photographs
+def test_real_photographs_detect_crop_fit_and_save(scene, tmp_path):
+    """astronaut and grace_hopper: the real detector box and crop rule, through the fit
+    and the writers. The predictor is the oracle-map stand-in (it outputs the synthetic
+    face's maps for any input), so the mesh is the synthetic face: what is tested is the
+    image side (box, crop, camera in the photo's frame, files)."""
+    pytest.importorskip("dlib")
+    data = pytest.importorskip("skimage.data")
+    cbook = pytest.importorskip("matplotlib.cbook")
+    from p3dmm.runtime.decode import load_image
+    from p3dmm.runtime.detect import crop_box
+
+    rec = Reconstructor.from_engines(scene["engines"], backend="ort-cpu", detector="dlib", model=scene["model"])
+    for name, img in (("astronaut", data.astronaut()),
+                      ("grace_hopper", load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))):  # fmt: skip
+        r = rec.reconstruct(img)
+        H, W = img.shape[:2]
+        assert r.crop == crop_box(r.box, W, H)
+        left, top, side = r.crop
+        assert 0 <= left and left + side <= W and 0 <= top and top + side <= H
+        assert (r.camera_image.width, r.camera_image.height) == (W, H)
+        # the mesh lands inside the crop in the photo's frame
+        uv = r.camera_image.project(r.vertices[scene["model"].masks["face"]])
+        assert (uv[:, 0] > left).all() and (uv[:, 0] < left + side).all() and (uv[:, 1] > top).all()
+        out = r.save(tmp_path / name)
+        assert np.asarray(Image.open(out / "overlay.png")).shape == img.shape
+        assert json.loads((out / "report.json").read_text())["box"] == list(r.box)
+
+
+def test_all_faces_command(scene, tmp_path, capsys):
+    pytest.importorskip("dlib")
+    data = pytest.importorskip("skimage.data")
+    cbook = pytest.importorskip("matplotlib.cbook")
+    from p3dmm.runtime.decode import load_image
+
+    a = data.astronaut()
+    g = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    both = np.zeros((600, 1024, 3), np.uint8)
+    both[:512, :512] = a
+    both[:600, 512:] = g[:, :512]
+    photos = tmp_path / "in"
+    photos.mkdir()
+    Image.fromarray(both).save(photos / "two.png")
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(photos / "blank.png")
+    out = tmp_path / "out"
+    rc = main(["reconstruct", str(photos), "--engines", str(scene["engines"]), "--out", str(out), "--all-faces", "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 1 and "1 reconstructed, 1 failed" in text and "blank.png" in text and "no face found" in text
+    assert (out / "two" / "face0" / "posed.obj").is_file() and (out / "two" / "face1" / "posed.obj").is_file()
+    assert json.loads((out / "two" / "done.json").read_text())["faces"] == 2
+
+
+def test_a_tiny_exported_predictor_runs_end_to_end(tmp_path, capsys):
+    """A real export (untrained tiny predictors) through the runtime: the backends and the
+    crop run; the untrained maps give no UV correspondences, which is reported per image."""
+    pytest.importorskip("onnxscript")
+    import torch
+    from p3dmm.export.engines import ExportOptions, export_engines
+    from p3dmm.fitting.base.errors import FittingError
+    from p3dmm.training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_checkpoint
+    from p3dmm.training.networks import Predictor, PredictorConfig
+
+    layout = FlameModel.synthetic(seed=0).uv.layout_id()
+    ckpts = []
+    for task in ("normals", "uv"):
+        torch.manual_seed(0)
+        cfg = PredictorConfig.tiny(task, mask_channel=task == "normals")
+        path = tmp_path / f"{task}.pt"
+        save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "step": 0,
+                               "model": Predictor(cfg).state_dict(), "predictor": cfg.to_dict(),
+                               "normal_space": "camera", "uv_layout": layout})  # fmt: skip
+        ckpts.append(str(path))
+    export_engines(ckpts, ExportOptions(out=tmp_path / "engines", n_random=1, n_faces=0))
+    rec = Reconstructor.from_engines(tmp_path / "engines", detector=None)
+    assert rec.normals.name == "ort-cpu" and rec.normal_space == "camera"
+    maps = rec.predict(np.zeros((2, 512, 512, 3), np.uint8))
+    assert maps["normals"].shape == (2, 512, 512, 3) and maps["uv"].shape == (2, 512, 512, 2) and maps["mask"].dtype == bool
+    with pytest.raises(FittingError, match="UV"):
+        rec.reconstruct(np.zeros((512, 512, 3), np.uint8), box="full")
+
+
+def test_batches_are_split_to_the_engines_largest_batch(scene):
+    rec = Reconstructor.from_engines(scene["engines"], backend="ort-cpu", detector=None, model=scene["model"])
+    calls = []
+
+    class Limited:
+        def __init__(self, inner):
+            self.inner, self.max_batch, self.name, self.entry = inner, 2, inner.name, inner.entry
+
+        def infer(self, feeds):
+            calls.append(len(feeds["image"]))
+            return self.inner.infer(feeds)
+
+    rec.normals = Limited(rec.normals)  # type: ignore[assignment]
+    maps = rec.predict(np.zeros((5, 512, 512, 3), np.uint8))
+    assert calls == [2, 2, 1] and maps["normals"].shape[0] == 5
+
+
+@pytest.mark.gpu
+def test_the_gpu_fit_matches_the_cpu_fit(scene):
+    cpu = Reconstructor.from_engines(scene["engines"], backend="ort-cpu", detector=None, model=scene["model"])
+    gpu = Reconstructor.from_engines(scene["engines"], backend="ort-cpu", detector=None, model=scene["model"])
+    gpu.device = "cuda"
+    a = cpu.reconstruct(scene["maps"].rgb, box="full")
+    b = gpu.reconstruct(scene["maps"].rgb, box="full")
+    assert _err(scene, b) < 1.0 and np.abs(a.vertices - b.vertices).mean() < 5e-4
