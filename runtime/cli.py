@@ -43,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--solvers", default="fast,paper", help="comma-separated solvers to run: fast, paper")
     d.set_defaults(func=_cmd_demo)
 
+    from .eval_cli import add_parser as add_eval
     from .reconstruct_cli import add_parser as add_reconstruct
 
     add_reconstruct(sub)
+    add_eval(sub)
 
     for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
         ep.load()(sub)
