@@ -250,3 +250,27 @@ def test_non_finite_energy_during_the_solve_is_an_error(tmp_path, head, monkeypa
         with emulated_cuda(tmp_path) as rec, pytest.raises(FittingError, match=match):
             fit(obs, head, cfg, device="cuda")
         assert rec.syncs == []
+
+
+def test_gpu_check_script_runs_on_the_emulated_device(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.py end to end on the CuPy emulation (the script a GPU machine runs)."""
+    import importlib.util
+    import json
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "gpu_check.json"
+    argv = sys.argv
+    sys.argv = ["gpu_check.py", "--quick", "--skip-predictors", "--size", "128", "--json", str(out)]
+    try:
+        with emulated_cuda(tmp_path / "build"):
+            rc = module.main()
+    finally:
+        sys.argv = argv
+    rows = json.loads(out.read_text())["rows"]
+    assert rc == 0, rows
+    assert [r["passed"] for r in rows] == [True, True, True, True, None, True]
