@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from p3dmm.fitting.base.errors import InputError, ModelFileError
 from p3dmm.runtime.manifest import TASKS, sha256_file
-from p3dmm.training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from p3dmm.training.checkpoint import CHECKPOINT_FORMAT, check_checkpoint
 from p3dmm.training.networks import Predictor, PredictorConfig, set_fused_attention
 from p3dmm.training.official import (
     NET_PREFIX,
@@ -151,7 +151,7 @@ def load_source(path: str | os.PathLike[str], *, flip_tta: bool = False, trusted
     ckpt = _read(path, trusted)
     digest = sha256_file(path)
     if ckpt.get("format") == CHECKPOINT_FORMAT:
-        load_checkpoint(path)  # the version and format checks
+        check_checkpoint(ckpt, path)  # the version check, on the dict already read
         try:
             pcfg = PredictorConfig(**{**dict(ckpt["predictor"]), "fused_attn": False})
         except (KeyError, TypeError, InputError) as e:

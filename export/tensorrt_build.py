@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -38,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from p3dmm.fitting.base.atomic_io import atomic_write_bytes
 from p3dmm.fitting.base.errors import BackendUnavailableError, EngineError
+from p3dmm.runtime.backends import compute_capability
 from p3dmm.runtime.manifest import IMAGE_INPUT, TensorSpec
 
 if TYPE_CHECKING:  # the project-owned stub, export/stubs/tensorrt.pyi: the calls below are type-checked
@@ -74,31 +73,6 @@ def tensorrt_module() -> ModuleType:
             "--tensorrt needs TensorRT 10 or 11 and an NVIDIA GPU: pip install tensorrt "
             f"(NVIDIA's wheels; {type(e).__name__}: {e})"
         ) from e
-
-
-def compute_capability() -> str:
-    """The current GPU's compute capability as ``"major.minor"`` (CuPy, else ``nvidia-smi``).
-
-    Raises:
-        BackendUnavailableError: neither can tell (no GPU or no driver).
-    """
-    try:
-        import cupy
-
-        cc = str(cupy.cuda.Device().compute_capability)  # e.g. "90"
-        return f"{cc[:-1]}.{cc[-1]}"
-    except Exception:  # noqa: BLE001 - no CuPy, no driver or no device: ask nvidia-smi
-        pass
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=30, check=True).stdout.split()  # fmt: skip
-            if out:
-                return out[0]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    raise BackendUnavailableError("cannot read the GPU's compute capability (no CuPy device and no nvidia-smi)")
 
 
 def _dims(d: Any) -> tuple[int, ...]:

@@ -39,7 +39,7 @@ from .manifest import Manifest, ModelEntry, TensorSpec, read_manifest, rebuild_c
 if TYPE_CHECKING:  # the project-owned stub (export/stubs/tensorrt.pyi)
     import tensorrt
 
-__all__ = ["BACKENDS", "Backend", "OrtBackend", "TensorRTBackend", "load_backend"]
+__all__ = ["BACKENDS", "Backend", "OrtBackend", "TensorRTBackend", "compute_capability", "load_backend"]
 
 log = logging.getLogger("p3dmm")
 
@@ -50,6 +50,33 @@ _ORT_PROVIDERS = {
     "ort-cuda": "CUDAExecutionProvider",
     "ort-tensorrt": "TensorrtExecutionProvider",
 }
+
+
+def compute_capability(cupy: Any = None) -> str:
+    """The current GPU's compute capability as ``"major.minor"`` (CuPy, else ``nvidia-smi``).
+
+    Raises:
+        BackendUnavailableError: neither can tell (no GPU or no driver).
+    """
+    import shutil
+    import subprocess
+
+    try:
+        cp = cupy if cupy is not None else importlib.import_module("cupy")
+        cc = str(cp.cuda.Device().compute_capability)  # e.g. "90"
+        return f"{cc[:-1]}.{cc[-1]}"
+    except Exception:  # noqa: BLE001, S110 - no CuPy, no driver or no device: ask nvidia-smi
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout.split()  # fmt: skip
+            if out:
+                return out[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    raise BackendUnavailableError("cannot read the GPU's compute capability (no CuPy device and no nvidia-smi)")
 
 
 class Backend:
@@ -190,12 +217,7 @@ class TensorRTBackend(Backend):
         if str(record.get("version")) != str(trt.__version__):
             raise EngineError(f"{self.path}: built with TensorRT {record.get('version')}, this is TensorRT "
                               f"{trt.__version__}: plans only run on the version that built them; rebuild with: {hint}")  # fmt: skip
-        if capability is None:
-            try:
-                cc = str(cupy.cuda.Device().compute_capability)
-            except Exception as e:  # noqa: BLE001 - no device / driver
-                raise BackendUnavailableError(f"tensorrt backend: no CUDA device ({type(e).__name__}: {e})") from e
-            capability = f"{cc[:-1]}.{cc[-1]}"
+        capability = capability or compute_capability(cupy)
         if str(record.get("compute_capability")) != capability:
             raise EngineError(f"{self.path}: built for compute capability {record.get('compute_capability')}, this GPU "
                               f"is {capability}; rebuild with: {hint}")  # fmt: skip

@@ -43,7 +43,6 @@ from .backends import Backend, load_backend
 from .decode import decode_image
 from .detect import FaceBox, FaceDetector, NoFaceError, crop_box, get_detector, resize_crop
 from .images import normals_to_rgb, overlay_mesh, save_png, uv_to_rgb
-from .manifest import read_manifest
 from .texture import photo_texture
 
 __all__ = ["CROP_SIZE", "Reconstruction", "Reconstructor", "crop_camera_to_image", "mask_from_uv"]
@@ -219,7 +218,6 @@ class Reconstructor:
             BackendUnavailableError: ``backend`` cannot run here.
         """
         directory = Path(directory)
-        manifest = read_manifest(directory)
         normals = load_backend(directory, "normals", backend, precision, threads)
         uv = load_backend(directory, "uv", backend, precision, threads)
         layout = uv.entry.uv_layout
@@ -243,7 +241,6 @@ class Reconstructor:
                     device = "cuda"
                 except P3DMMError:
                     pass
-        del manifest
         return cls(normals, uv, model, config, normal_space=normals.entry.normal_space or "camera",
                    detector=detector, device=device, engines=str(directory))  # fmt: skip
 

@@ -27,6 +27,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_NAME",
     "CHECKPOINT_VERSION",
+    "check_checkpoint",
     "load_checkpoint",
     "load_predictor",
     "save_checkpoint",
@@ -65,14 +66,20 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a bad file
         raise ModelFileError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    return check_checkpoint(ckpt, path)
+
+
+def check_checkpoint(ckpt: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``ckpt`` (an already loaded object) if it is a p3dmm training checkpoint this
+    version reads; else a :class:`ModelFileError` naming ``path``."""
+    if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise ModelFileError(f"{path}: format {got!r}, expected a {CHECKPOINT_FORMAT!r} file")
     if int(ckpt.get("format_version", 0)) > CHECKPOINT_VERSION:
         raise ModelFileError(
             f"{path}: checkpoint version {ckpt.get('format_version')}, this p3dmm reads up to {CHECKPOINT_VERSION}"
         )
-    return ckpt
+    return dict(ckpt)
 
 
 def load_predictor(path: str | os.PathLike[str]) -> Predictor:

@@ -27,11 +27,13 @@ nothing for it, and on the GPU it is the one place a fit reads the device again.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
 from ..base.errors import InputError
 from ..base.xp import asarray_on
+from ..model.arrays import FlameUV
 from ..model.lbs import flame_forward
 from .energy import normal_residuals, output_rotation, uv_residuals
 from .init import init_rigid
@@ -60,6 +62,23 @@ def normal_agreement(problem: FitProblem, state: FitState, frame: Frame, normals
     return float(nr.keep.sum()) / max(float(normals.n_mask), 1.0)
 
 
+#: (layout, array module) -> the coverage image on that device (one upload per layout)
+_DEVICE_COVERAGE: dict[tuple[int, int], tuple[FlameUV, Any, Any]] = {}
+
+
+def _device_coverage(uv: FlameUV, xp: Any) -> Any:
+    cov = uv.coverage(ATLAS_RESOLUTION)
+    if xp is np:
+        return cov
+    key = (id(uv), id(xp))
+    hit = _DEVICE_COVERAGE.get(key)
+    # the stored objects keep both ids valid; the identity checks guard against a reused id
+    if hit is None or hit[0] is not uv or hit[1] is not xp:
+        hit = (uv, xp, asarray_on(xp, cov))
+        _DEVICE_COVERAGE[key] = hit
+    return hit[2]
+
+
 def uv_in_atlas(problem: FitProblem) -> object:
     """0-d device count of the observation's mask pixels whose UV lies on the model's UV atlas
     (:meth:`~p3dmm.fitting.model.arrays.FlameUV.coverage` at :data:`ATLAS_RESOLUTION`)."""
@@ -67,7 +86,7 @@ def uv_in_atlas(problem: FitProblem) -> object:
     if problem.maps is None or problem.model.uv is None:
         return xp.zeros((), dtype=xp.int64)
     _, uv_map, mask = problem.maps
-    cov = asarray_on(xp, problem.model.uv.coverage(ATLAS_RESOLUTION))
+    cov = _device_coverage(problem.model.uv, xp)
     R = ATLAS_RESOLUTION
     # every pixel, masked afterwards: boolean indexing would read its size back from the GPU
     col = xp.clip((uv_map[..., 0] * R).astype(xp.int64), 0, R - 1)

@@ -156,12 +156,12 @@ def fit(
     )
     if issues:
         check_conventions(problem, state)  # raises an InputError naming a clear convention mistake
+        warnings.warn("fit: " + "; ".join(issues), FitQualityWarning, stacklevel=2)
+    if layout:
+        warnings.warn("fit: " + "; ".join(layout), ConventionWarning, stacklevel=2)
+    issues += layout
+    if issues:
         converged = False
-        quality_issues = [s for s in issues if s not in layout]
-        if quality_issues:
-            warnings.warn("fit: " + "; ".join(quality_issues), FitQualityWarning, stacklevel=2)
-        if layout:
-            warnings.warn("fit: " + "; ".join(layout), ConventionWarning, stacklevel=2)
     neutral = model.neutral_vertices(params_h.astype(np, model.dtype)).astype(np.float32)
     timings["total"] = time.perf_counter() - t_start
     return FitResult(

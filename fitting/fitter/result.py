@@ -102,8 +102,8 @@ def fit_quality(
         min_in_atlas: below this ``uv_in_atlas`` the UV map is not in the model's layout: an issue.
 
     Returns:
-        (quality, issues, the issues among them about the UV layout: a convention mistake
-        rather than a poor fit).
+        (quality, issues about the fit's quality, issues about the UV layout: a convention
+        mistake rather than a poor fit).
     """
     uv = n_explained / max(n_targets, 1)
     normal = n_normal_active / max(n_mask, 1)
@@ -129,5 +129,5 @@ def fit_quality(
                 f"{100 * min_in_atlas:.0f}%): observation.uv is not in this model's UV layout (another layout, or "
                 "rescaled, e.g. normalised to its own min/max)"
             )
-    return quality, issues + layout, layout
+    return quality, issues, layout
 
