@@ -59,6 +59,13 @@ DINOV2_BACKBONES = (
 #: A DINOv2-shaped ViT small enough for unit tests (patch 14, embed 48, depth 2, 3 heads).
 TINY_BACKBONE = "tiny_patch14_dinov2"
 TINY_BACKBONE_ARGS: dict[str, Any] = {"patch_size": 14, "embed_dim": 48, "depth": 2, "num_heads": 3, "init_values": 1e-5}
+#: The embedded default predictors' backbone: DINOv2's ViT structure (patch 14, layer
+#: scale, class token, final norm) at ViT-Ti width (embed 192, depth 6, 3 heads; 2.7 M
+#: parameters), small enough to train from scratch on two CPU cores in about an hour.
+MINI_BACKBONE = "mini_patch14_dinov2"
+MINI_BACKBONE_ARGS: dict[str, Any] = {"patch_size": 14, "embed_dim": 192, "depth": 6, "num_heads": 3, "init_values": 1e-5}
+#: Backbones built here (not timm registry names), by name.
+CUSTOM_BACKBONES: dict[str, dict[str, Any]] = {TINY_BACKBONE: TINY_BACKBONE_ARGS, MINI_BACKBONE: MINI_BACKBONE_ARGS}
 
 TASK_CHANNELS = {"normals": 3, "uv": 2}
 PATCH_SIZE = 14
@@ -72,7 +79,7 @@ class PredictorConfig:
 
     Attributes:
         backbone: timm DINOv2 model name from :data:`DINOV2_BACKBONES`, or
-            :data:`TINY_BACKBONE` for tests.
+            :data:`TINY_BACKBONE` (tests) or :data:`MINI_BACKBONE` (the embedded defaults).
         task: ``'normals'`` (3 channels, unit length) or ``'uv'`` (2 channels in [0, 1]).
         head_dim: Width E of the head (tokens and up-convolutions).
         head_depth: Number of transformer blocks in the head.
@@ -95,10 +102,10 @@ class PredictorConfig:
     backbone_img_size: int = 448
 
     def __post_init__(self) -> None:
-        if self.backbone not in DINOV2_BACKBONES and self.backbone != TINY_BACKBONE:
+        if self.backbone not in DINOV2_BACKBONES and self.backbone not in CUSTOM_BACKBONES:
             raise InputError(
                 f"PredictorConfig.backbone: got {self.backbone!r}, expected one of "
-                f"{DINOV2_BACKBONES + (TINY_BACKBONE,)}"
+                f"{DINOV2_BACKBONES + tuple(CUSTOM_BACKBONES)}"
             )
         if self.task not in TASK_CHANNELS:
             raise InputError(f"PredictorConfig.task: got {self.task!r}, expected 'normals' or 'uv'")
@@ -160,7 +167,7 @@ def build_backbone(name: str, img_size: int = 448) -> nn.Module:
     """Create a randomly initialised timm DINOv2 ViT (never downloads weights).
 
     Args:
-        name: A name from :data:`DINOV2_BACKBONES` or :data:`TINY_BACKBONE`.
+        name: A name from :data:`DINOV2_BACKBONES` or :data:`CUSTOM_BACKBONES`.
         img_size: Input resolution; the absolute position embedding is created for the
             ``img_size / 14`` grid, so nothing is interpolated at run time.
 
@@ -170,8 +177,8 @@ def build_backbone(name: str, img_size: int = 448) -> nn.Module:
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    if name == TINY_BACKBONE:
-        return VisionTransformer(img_size=img_size, num_classes=0, **TINY_BACKBONE_ARGS)
+    if name in CUSTOM_BACKBONES:
+        return VisionTransformer(img_size=img_size, num_classes=0, **CUSTOM_BACKBONES[name])
     if name not in DINOV2_BACKBONES:
         raise InputError(f"build_backbone: got {name!r}, expected one of {DINOV2_BACKBONES}")
     return timm.create_model(name, pretrained=False, img_size=img_size, num_classes=0)

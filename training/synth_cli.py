@@ -36,6 +36,16 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _yaw_degrees(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of degrees") from None
+    if not 0.0 <= v <= 90.0:
+        raise argparse.ArgumentTypeError(f"{text}: expected degrees in [0, 90]")
+    return v
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("FLAME model (default: the built-in synthetic head)")
     g.add_argument("--flame", metavar="PKL", help="FLAME model file (generic_model.pkl, flame2023.pkl, ...)")
@@ -73,7 +83,7 @@ def _report(name: str, result: Any) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from .synth import synthesize
+    from .synth import SynthConfig, synthesize
 
     result = synthesize(
         args.out,
@@ -83,6 +93,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         workers=args.workers,
         model=_load_model(args),
         normal_space=args.normal_space,
+        config=SynthConfig(yaw_deg=(-args.yaw_max, args.yaw_max)),
     )
     return _report("synth", result)
 
@@ -124,6 +135,10 @@ def add_parsers(subparsers: Any) -> None:
     s.add_argument("--workers", type=_positive_int, default=None, help="processes (default: CPU count, max 8)")
     s.add_argument(
         "--normal-space", choices=("camera", "head"), default="camera", help="space of the normals (default: camera)"
+    )
+    s.add_argument(
+        "--yaw-max", type=_yaw_degrees, default=60.0, metavar="DEG",
+        help="head yaw drawn uniformly in [-DEG, DEG] (default: 60; at most 90)",
     )
     _add_model_options(s)
     s.set_defaults(func=_cmd_synth)

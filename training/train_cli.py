@@ -20,6 +20,7 @@ log = logging.getLogger("p3dmm.train")
 
 _BACKBONE_ALIASES = {
     "tiny": "tiny_patch14_dinov2",
+    "mini": "mini_patch14_dinov2",
     "small": "vit_small_patch14_dinov2",
     "base": "vit_base_patch14_dinov2",
     "large": "vit_large_patch14_dinov2",
@@ -66,7 +67,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--backbone",
         default="base",
         metavar="NAME",
-        help="timm DINOv2 name, or tiny/small/base/large/giant (default: base = vit_base_patch14_dinov2)",
+        help="timm DINOv2 name, or tiny/mini/small/base/large/giant (default: base = vit_base_patch14_dinov2)",
     )
     p.add_argument(
         "--img-size",

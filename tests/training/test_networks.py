@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from numpy.testing import assert_allclose
 from p3dmm.fitting.base.errors import InputError, ModelFileError
 from p3dmm.training.networks import (
+    MINI_BACKBONE,
     TINY_BACKBONE,
     TINY_BACKBONE_ARGS,
     Predictor,
@@ -152,6 +153,20 @@ def test_real_backbone_builds_at_448() -> None:
     assert model.backbone.pos_embed.shape == (1, 1025, 384)
     assert model.backbone.patch_embed.grid_size == (32, 32)
     assert model.backbone.num_prefix_tokens == 1
+
+
+def test_mini_backbone_of_the_embedded_predictors() -> None:
+    """The embedded defaults' architecture: DINOv2-structured ViT at ViT-Ti width, 160 px io,
+    a 10 x 10 token grid; 3.2 M parameters (about 6.5 MB in fp16)."""
+    cfg = PredictorConfig(backbone=MINI_BACKBONE, task="uv", mask_channel=True, img_size=160, backbone_img_size=140,
+                          head_dim=128, head_depth=1, head_heads=4)  # fmt: skip
+    model = Predictor(cfg).eval()
+    assert model.backbone.embed_dim == 192 and len(model.backbone.blocks) == 6 and cfg.grid_size == 10
+    assert model.backbone.blocks[0].ls1.gamma.shape == (192,)  # DINOv2's layer scale
+    assert 3.0e6 < sum(p.numel() for p in model.parameters()) < 3.5e6
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 160, 160))
+    assert out["uv"].shape == (1, 2, 160, 160) and out["mask"].shape == (1, 1, 160, 160)
 
 
 @pytest.mark.parametrize(

@@ -159,3 +159,19 @@ def test_cli_parsers(tmp_path, monkeypatch):
         ["render-dataset", str(tmp_path / "none.obj"), "--out", str(tmp_path / "o"), "--size", "32"]
     )
     assert args.func(args) == 1  # the missing mesh is reported, the command says so
+
+
+def test_cli_yaw_range(tmp_path):
+    """--yaw-max sets the head-yaw range (the embedded predictors train with +-75 degrees)."""
+    import json
+
+    parser = argparse.ArgumentParser(prog="p3dmm")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["synth", "--out", str(tmp_path / "d"), "--n", "3", "--seed", "2", "--size", "32",
+                              "--workers", "1", "--yaw-max", "75"])  # fmt: skip
+    assert args.func(args) == 0
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["generator"]["config"]["yaw_deg"] == [-75.0, 75.0]
+    for bad in ("91", "-5", "steep"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["synth", "--out", "x", "--n", "1", "--seed", "0", "--yaw-max", bad])
