@@ -34,6 +34,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="p3dmm train checkpoints (last.pt) or official Pixel3DMM checkpoints (normals and/or uv)")
     p.add_argument("--out", required=True, type=Path, help="engine directory to write")
     p.add_argument("--fp16", action="store_true", help="also write <task>.fp16.onnx (mixed precision), validated")
+    p.add_argument("--fp16-only", action="store_true",
+                   help="keep only the fp16 files (fp32 is exported and validated, then dropped): half the size")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans (needs TensorRT and a GPU)")
     p.add_argument("--batch", type=_batch, default=(1, 1, 4), metavar="MIN,OPT,MAX",
                    help="batch range of the TensorRT profile and Triton's max_batch_size (default 1,1,4)")
@@ -57,7 +59,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .tensorrt_build import BuildOptions
 
     options = ExportOptions(
-        out=args.out, fp16=args.fp16, tensorrt=args.tensorrt, batch=args.batch, flip_tta=args.flip_tta,
+        out=args.out, fp16=args.fp16, fp16_only=args.fp16_only, tensorrt=args.tensorrt, batch=args.batch, flip_tta=args.flip_tta,
         triton_repo=args.triton_repo, validate_images=args.validate_images, opset=args.opset, trusted=args.trusted,
         build=BuildOptions(workspace_bytes=int(args.workspace_gb * (1 << 30)), optimization_level=args.builder_level,
                            timing_cache=args.timing_cache),

@@ -78,6 +78,9 @@ class ExportOptions:
     Attributes:
         out: the engine directory.
         fp16: also write and validate ``<task>.fp16.onnx``.
+        fp16_only: write only the fp16 files (implies ``fp16``): the fp32 graph is still
+            exported and validated against PyTorch, and the fp16 one against it, but only
+            the fp16 files (and their plans) are kept, for size-limited deployments.
         tensorrt: also build TensorRT plans (needs TensorRT and a GPU).
         batch: ``(min, opt, max)`` batch sizes (TensorRT profile, Triton max_batch_size).
         flip_tta: bake horizontal-flip averaging into the graphs.
@@ -93,6 +96,7 @@ class ExportOptions:
 
     out: Path
     fp16: bool = False
+    fp16_only: bool = False
     tensorrt: bool = False
     batch: tuple[int, int, int] = (1, 1, 4)
     flip_tta: bool = False
@@ -151,11 +155,12 @@ def _export_one(source: ExportSource, stage: Path, options: ExportOptions,
     report = validate(fp32.name, ort32, torch_run, inputs, options.tolerances, "pytorch")
     entries = [_entry(source, fp32.name, "onnx", "fp32", fp32, io, opset=options.opset,
                       validation={"against": "pytorch", "worst": report.summary(), "tolerances": options.tolerances})]  # fmt: skip
-    if options.fp16:
+    if options.fp16 or options.fp16_only:
         fp16 = stage / f"{task}.fp16.onnx"
         log.info("[fp16] %s -> %s (LayerNorm, Softmax, attention scores and the output tail in float32)",
                  fp32.name, fp16.name)  # fmt: skip
         info = convert_fp16(fp32, fp16)
+        info["fp32_against_pytorch"] = report.summary()
         sub = validate(fp16.name, ort_runner(fp16), ort32, inputs, options.fp16_tolerances, "fp32 onnx")
         report.rows.extend(sub.rows)
         entries.append(_entry(source, fp16.name, "onnx", "fp16", fp16, io, opset=options.opset,
@@ -223,6 +228,8 @@ def export_engines(checkpoints: list[str | os.PathLike[str]], options: ExportOpt
         entries: list[ModelEntry] = []
         for src in sources:
             entries.extend(_export_one(src, stage, options, inputs))
+        if options.fp16_only:
+            entries = [e for e in entries if e.precision == "fp16"]
         exported = {e.task for e in entries}
         kept: list[ModelEntry] = []
         if (out / MANIFEST_NAME).is_file():

@@ -28,7 +28,7 @@ import torch
 from p3dmm.fitting.base.errors import EngineError
 from p3dmm.runtime.manifest import IMAGE_INPUT, TensorSpec
 
-from .sources import ExportSource
+from .sources import IMAGE_SIZE, ExportSource
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -43,7 +43,6 @@ __all__ = [
 log = logging.getLogger("p3dmm.export")
 
 DEFAULT_OPSET = 20
-IMAGE_SIZE = 512
 #: A single ONNX protobuf file cannot exceed 2 GiB (ViT-g in fp32 would need external data).
 MAX_PROTO_BYTES = 2**31 - 2**24
 _HEAVY = {"Conv", "ConvTranspose", "MatMul", "Gemm"}

@@ -32,7 +32,7 @@ import torch
 from p3dmm.fitting.base.errors import InputError, ModelFileError
 from p3dmm.runtime.manifest import TASKS, sha256_file
 from p3dmm.training.checkpoint import CHECKPOINT_FORMAT, check_checkpoint
-from p3dmm.training.networks import Predictor, PredictorConfig, set_fused_attention
+from p3dmm.training.networks import Predictor, PredictorConfig, linear_resample_matrix, set_fused_attention
 from p3dmm.training.official import (
     NET_PREFIX,
     OfficialPredictor,
@@ -41,11 +41,13 @@ from p3dmm.training.official import (
 )
 from torch import nn
 
-__all__ = ["OFFICIAL_FORMAT", "OFFICIAL_UV_LAYOUT", "ExportSource", "FlipAveraged", "load_source"]
+__all__ = ["OFFICIAL_FORMAT", "OFFICIAL_UV_LAYOUT", "AtContractSize", "ExportSource", "FlipAveraged", "load_source"]
 
 log = logging.getLogger("p3dmm.export")
 
 OFFICIAL_FORMAT = "pixel3dmm-lightning"
+#: The predictor contract's input and output side.
+IMAGE_SIZE = 512
 #: UV layout id recorded for official checkpoints (FLAME 2020's head_template UVs).
 OFFICIAL_UV_LAYOUT = "flame2020"
 
@@ -84,12 +86,50 @@ class ExportSource:
         return {"path": str(self.path), "sha256": self.sha256, "format": self.format, "config": self.config}
 
 
+class AtContractSize(nn.Module):
+    """A predictor trained at ``img_size`` S != 512 behind the fixed 512 x 512 contract.
+
+    The input crop is resampled 512 -> S with the antialiased bilinear filter (the same
+    two constant matrix products the predictor uses for its backbone resample, so no ONNX
+    ``Resize`` node), the predictor runs at S, and every output map is resampled S -> 512
+    bilinearly (``align_corners=False``) the same way; normals are renormalised after it.
+    UV and mask stay in (0, 1): bilinear weights are non-negative and sum to 1.
+    """
+
+    down_rows: torch.Tensor
+    down_cols: torch.Tensor
+    up_rows: torch.Tensor
+    up_cols: torch.Tensor
+
+    def __init__(self, predictor: Predictor, size: int = 512) -> None:
+        super().__init__()
+        self.predictor = predictor
+        s = int(predictor.config.img_size)
+        down = linear_resample_matrix(size, s)  # (S, 512)
+        up = linear_resample_matrix(s, size)  # (512, S)
+        self.register_buffer("down_rows", down, persistent=False)
+        self.register_buffer("down_cols", down.t().contiguous(), persistent=False)
+        self.register_buffer("up_rows", up, persistent=False)
+        self.register_buffer("up_cols", up.t().contiguous(), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = torch.matmul(torch.matmul(self.down_rows, image), self.down_cols)
+        out = self.predictor(x)
+        result: dict[str, torch.Tensor] = {}
+        for name, value in out.items():
+            y = torch.matmul(torch.matmul(self.up_rows, value), self.up_cols)
+            if name == "normals":
+                y = y / torch.clamp(torch.linalg.vector_norm(y, dim=1, keepdim=True), min=1e-6)
+            result[name] = y
+        return result
+
+
 class FlipAveraged(nn.Module):
     """A p3dmm normals predictor with the official flip averaging: the model runs on the
     batch and its horizontal mirror; the mirrored normals are flipped back, x negated,
     averaged and renormalised."""
 
-    def __init__(self, predictor: Predictor) -> None:
+    def __init__(self, predictor: nn.Module) -> None:
         super().__init__()
         self.predictor = predictor
 
@@ -164,13 +204,15 @@ def load_source(path: str | os.PathLike[str], *, flip_tta: bool = False, trusted
         model.eval()
         task = pcfg.task
         module: nn.Module = model
+        if pcfg.img_size != IMAGE_SIZE:
+            module = AtContractSize(model, IMAGE_SIZE).eval()
         if flip_tta:
             if task != "normals":
                 raise InputError(
                     f"--flip-tta: {path} is a p3dmm {task} predictor; flip averaging of UV needs the layout's mirror "
                     "map, so it is only baked for normals and for official checkpoints"
                 )
-            module = FlipAveraged(model).eval()
+            module = FlipAveraged(module).eval()
         normal_space = str(ckpt.get("normal_space") or "camera") if task == "normals" else None
         uv_layout = str(ckpt.get("uv_layout") or "unknown") if task == "uv" else None
         return ExportSource(module=module, task=task, outputs=pcfg.output_names, path=path, sha256=digest,

@@ -407,3 +407,39 @@ def test_official_normals_keep_the_official_conventions(tmp_path):
     with torch.no_grad():
         n = src.module(torch.rand(1, 3, 512, 512))["normals"]
     assert n.shape == (1, 3, 512, 512) and torch.allclose(n.norm(dim=1), torch.ones(1, 512, 512), atol=1e-5)
+
+
+def test_a_low_resolution_predictor_keeps_the_512_contract(tmp_path):
+    """A predictor trained at 64 px (the embedded defaults train at 160) exports with the
+    512 x 512 io: its graph equals the independent torch pipeline antialiased resize ->
+    predictor -> bilinear upsample (normals renormalised), UV and mask stay in (0, 1)."""
+    import torch.nn.functional as F
+
+    ckpts = [_checkpoint(tmp_path / "n.pt", "normals", img_size=64, backbone_img_size=56),
+             _checkpoint(tmp_path / "u.pt", "uv", seed=1, img_size=64, backbone_img_size=56, mask_channel=True)]  # fmt: skip
+    export_engines([str(c) for c in ckpts], ExportOptions(out=tmp_path / "e", n_random=1, n_faces=1))
+    x = face_images(2, seed=3)
+    for ckpt, task in zip(ckpts, ("normals", "uv")):
+        model = load_predictor(ckpt)
+        with torch.no_grad():
+            small = F.interpolate(torch.from_numpy(x), size=64, mode="bilinear", align_corners=False, antialias=True)
+            ref = {k: F.interpolate(v, size=512, mode="bilinear", align_corners=False) for k, v in model(small).items()}
+        if task == "normals":
+            ref["normals"] = ref["normals"] / ref["normals"].norm(dim=1, keepdim=True)
+        got = ort_runner(tmp_path / "e" / f"{task}.onnx")(x)
+        assert sorted(got) == sorted(ref) and got[task].shape == (2, 2 if task == "uv" else 3, 512, 512)
+        for name in ref:
+            np.testing.assert_allclose(got[name], ref[name].numpy(), rtol=0, atol=2e-4, err_msg=name)
+        if task == "uv":
+            assert 0 < got["uv"].min() and got["uv"].max() < 1 and 0 < got["mask"].min() and got["mask"].max() < 1
+    man = read_manifest(tmp_path / "e")
+    assert man.find("uv", "onnx", "fp32")[0].source["config"]["img_size"] == 64
+
+
+def test_fp16_only_keeps_only_the_fp16_files_with_the_fp32_record(tmp_path, tiny_normals):
+    man = export_engines([str(tiny_normals)], ExportOptions(out=tmp_path / "e", fp16_only=True, n_random=1, n_faces=1))
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == sorted(["normals.fp16.onnx", MANIFEST_NAME])
+    (entry,) = man.models
+    assert entry.precision == "fp16" and entry.validation["against"] == "fp32 onnx"
+    assert entry.validation["fp32_against_pytorch"]["normals"]["max_deg"] < 0.1  # the dropped fp32 graph was checked
+    assert read_manifest(tmp_path / "e").verify_file(tmp_path / "e", entry).name == "normals.fp16.onnx"
