@@ -89,6 +89,11 @@ class FitConfig:
             model's UV atlas is reported as being in another layout (an issue and a
             :class:`~p3dmm.fitting.base.errors.ConventionWarning`; occluders and a
             predictor's errors leave about 80-100% on it).
+        check_conventions: after a collapsed fit, try the other readings of the maps
+            (flipped normals, the other normal space, swapped or flipped UV) and raise an
+            ``InputError`` naming one that explains them clearly better. Off where the
+            conventions are known, as in the runtime (they come from the engines'
+            manifest): there a poor prediction is a low-quality fit, not a user's mistake.
         fast_iterations: Levenberg-Marquardt passes of the fast solver's full stage (one
             tried step each; an accepted step is followed by a re-render and a new
             linearisation).
@@ -124,6 +129,7 @@ class FitConfig:
     quality_uv_px: float = 5.0
     quality_min: float = 0.15
     quality_atlas_min: float = 0.7
+    check_conventions: bool = True
     fast_iterations: int = 30
     fast_normal_stride: int = 2
     fast_tolerance: float = 5e-3

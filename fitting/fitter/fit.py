@@ -155,7 +155,8 @@ def fit(
         min_in_atlas=config.quality_atlas_min,
     )
     if issues:
-        check_conventions(problem, state)  # raises an InputError naming a clear convention mistake
+        if config.check_conventions:
+            check_conventions(problem, state)  # raises an InputError naming a clear convention mistake
         warnings.warn("fit: " + "; ".join(issues), FitQualityWarning, stacklevel=2)
     if layout:
         warnings.warn("fit: " + "; ".join(layout), ConventionWarning, stacklevel=2)

@@ -182,6 +182,16 @@ def test_convention_mistakes_are_named(head, mistake, match):
         fit(obs, head, FitConfig())
 
 
+def test_with_the_convention_check_off_a_mistake_is_a_collapsed_fit(head):
+    """The runtime knows its conventions (manifest), so it turns the check off: negated
+    normals then give a result marked as collapsed, not an InputError."""
+    p = _face(head, 13)
+    _, obs = _observe(head, p)
+    with pytest.warns(FitQualityWarning):
+        r = fit(Observation(-obs.normals, obs.uv, obs.mask), head, FitConfig(check_conventions=False))
+    assert not r.converged and r.quality["normal_agreement"] < 0.15 and r.issues
+
+
 def test_uv_off_the_atlas_is_a_named_issue(head):
     """UV normalised to its own min/max (a visualisation mistake) reads off the UV atlas."""
     p = _face(head, 13)
