@@ -13,6 +13,9 @@ the evaluation protocols.
 * :func:`surface_errors`: the L1 Chamfer distance (mean of the two directions' mean
   point-to-surface distances, mm), recall at 2.5 mm (ground-truth points within 2.5 mm of
   the prediction's surface), precision and F-score at the same threshold.
+* :func:`map_errors`: predicted against ground-truth maps: the normal angle (mean /
+  median degrees), the UV distance in pixels of the map (mean / median) and the mask's
+  intersection over union.
 * Protocols (:func:`evaluate`): ``"pixel3dmm"`` (similarity alignment, Procrustes on
   corresponding vertices when the topologies match, else similarity ICP; then
   :func:`surface_errors`), ``"now"`` (:func:`now_errors`: the scan cropped around the nose
@@ -35,6 +38,7 @@ __all__ = [
     "evaluate",
     "facescape_errors",
     "icp_align",
+    "map_errors",
     "now_errors",
     "point_to_surface",
     "procrustes_align",
@@ -311,3 +315,50 @@ def evaluate(
     if protocol == "facescape":
         return facescape_errors(pv, pred_faces, gv, gt_faces)
     raise InputError(f"evaluate: protocol {protocol!r}, expected 'pixel3dmm', 'now' or 'facescape'")
+
+
+def map_errors(pred: dict[str, Any], gt: dict[str, Any], mask: Any = None) -> dict[str, float]:
+    """Per-pixel errors of predicted maps against the ground truth.
+
+    Args:
+        pred / gt: dicts with any of ``normals (H, W, 3)`` unit vectors, ``uv (H, W, 2)``
+            in [0, 1] and ``mask (H, W)`` bool (same size in both).
+        mask: pixels to score (default: ``gt["mask"]``, else every pixel).
+
+    Returns:
+        ``normal_mean_deg`` / ``normal_median_deg`` (angle between the vectors),
+        ``uv_mean_px`` / ``uv_median_px`` (``|uv_pred - uv_gt| * W``, the distance in
+        pixels of a ``W`` px UV map, as the export validation reports it), ``mask_iou``
+        when both have a mask, and ``pixels`` (how many were scored).
+
+    Raises:
+        InputError: maps of different shapes, or no pixel to score.
+    """
+    sel = to_numpy(mask if mask is not None else gt.get("mask", None))
+    out: dict[str, float] = {}
+    for key in ("normals", "uv", "mask"):
+        if key in pred and key in gt and np.shape(pred[key]) != np.shape(gt[key]):
+            raise InputError(f"map_errors: {key} is {np.shape(pred[key])} predicted, {np.shape(gt[key])} in the ground truth")
+    first = next((gt[k] for k in ("normals", "uv", "mask") if k in gt), None)
+    if first is None:
+        raise InputError("map_errors: the ground truth has none of normals, uv, mask")
+    hw = np.shape(first)[:2]
+    sel = np.ones(hw, bool) if sel is None or np.ndim(sel) == 0 else np.asarray(sel, bool)
+    if sel.shape != hw or not sel.any():
+        raise InputError(f"map_errors: mask {sel.shape} with {int(sel.sum())} pixels; expected {hw} with at least one")
+    out["pixels"] = float(sel.sum())
+    if "normals" in pred and "normals" in gt:
+        a = to_numpy(pred["normals"]).astype(np.float64)[sel]
+        b = to_numpy(gt["normals"]).astype(np.float64)[sel]
+        cos = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+        deg = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+        out.update(normal_mean_deg=float(deg.mean()), normal_median_deg=float(np.median(deg)))
+    if "uv" in pred and "uv" in gt:
+        d = np.linalg.norm(to_numpy(pred["uv"]).astype(np.float64)[sel] - to_numpy(gt["uv"]).astype(np.float64)[sel], axis=1)
+        px = d * hw[1]
+        out.update(uv_mean_px=float(px.mean()), uv_median_px=float(np.median(px)))
+    if "mask" in pred and "mask" in gt:
+        pm, gm = to_numpy(pred["mask"]).astype(bool), to_numpy(gt["mask"]).astype(bool)
+        union = np.logical_or(pm, gm).sum()
+        out["mask_iou"] = float(np.logical_and(pm, gm).sum() / union) if union else 1.0
+    return out
