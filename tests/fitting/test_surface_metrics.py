@@ -193,3 +193,34 @@ def test_eval_command(tmp_path, capsys):
     assert "depth_shift_mm" in capsys.readouterr().out
     assert main(["eval", str(pred), str(gt / "s1.obj")]) == 2
     assert main(["eval", str(pred), str(gt), "--protocol", "now"]) == 2
+
+
+def test_map_errors_on_known_perturbations():
+    from p3dmm.fitting.metrics import map_errors
+
+    H = W = 64
+    rng = np.random.default_rng(0)
+    n = rng.normal(size=(H, W, 3))
+    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    axis = np.cross(n, [0.0, 0.0, 1.0])
+    axis /= np.linalg.norm(axis, axis=-1, keepdims=True)
+    t = np.radians(10.0)  # every normal turned by 10 degrees about an axis perpendicular to it
+    turned = n * np.cos(t) + np.cross(axis, n) * np.sin(t)
+    uv = rng.uniform(0.2, 0.8, (H, W, 2))
+    gt_mask = np.zeros((H, W), bool)
+    gt_mask[:, :32] = True
+    pred_mask = np.zeros((H, W), bool)
+    pred_mask[:, 16:48] = True  # IoU = 16 / 48
+    e = map_errors({"normals": turned, "uv": uv + [0.03, 0.04], "mask": pred_mask},
+                   {"normals": n, "uv": uv, "mask": gt_mask})  # fmt: skip
+    assert e["normal_mean_deg"] == pytest.approx(10.0, abs=1e-6) and e["normal_median_deg"] == pytest.approx(10.0, abs=1e-6)
+    assert e["uv_mean_px"] == pytest.approx(0.05 * W) and e["uv_median_px"] == pytest.approx(0.05 * W)
+    assert e["mask_iou"] == pytest.approx(1 / 3) and e["pixels"] == 32 * H
+    # scored only where asked
+    sel = np.zeros((H, W), bool)
+    sel[0, 0] = True
+    assert map_errors({"uv": uv}, {"uv": uv}, mask=sel)["uv_mean_px"] == 0.0
+    with pytest.raises(InputError, match="uv is"):
+        map_errors({"uv": uv[:32]}, {"uv": uv})
+    with pytest.raises(InputError, match="at least one"):
+        map_errors({"uv": uv}, {"uv": uv}, mask=np.zeros((H, W), bool))
