@@ -45,11 +45,16 @@ from .detect import FaceBox, FaceDetector, NoFaceError, crop_box, get_detector, 
 from .images import normals_to_rgb, overlay_mesh, save_png, uv_to_rgb
 from .texture import photo_texture
 
-__all__ = ["CROP_SIZE", "Reconstruction", "Reconstructor", "crop_camera_to_image", "mask_from_uv"]
+__all__ = ["CROP_SIZE", "Reconstruction", "Reconstructor", "crop_camera_to_image", "default_engines_dir", "mask_from_uv"]
 
 log = logging.getLogger("p3dmm")
 
 CROP_SIZE = 512
+
+
+def default_engines_dir() -> Path:
+    """Where the embedded default predictors live (``p3dmm/runtime/engines``)."""
+    return Path(__file__).resolve().parent / "engines"
 
 
 def crop_camera_to_image(camera: Camera, left: int, top: int, side: int, width: int, height: int) -> Camera:
@@ -185,7 +190,8 @@ class Reconstructor:
     Args:
         normals / uv: the two predictor backends.
         model: the FLAME model whose UV layout the uv predictor outputs.
-        config: fitting configuration (``focal`` is set per call when given).
+        config: fitting configuration (``focal`` is set per call when given;
+            ``check_conventions`` is turned off: the manifest states the conventions).
         normal_space: what the normals predictor outputs (``"camera"`` / ``"head"``).
         detector: a :class:`FaceDetector`, a name for :func:`get_detector`, or None
             (then every call needs ``box``).
@@ -196,7 +202,9 @@ class Reconstructor:
                  normal_space: str = "camera", detector: FaceDetector | str | None = "auto", device: str = "cpu",
                  engines: str = "") -> None:  # fmt: skip
         self.normals, self.uv, self.model = normals, uv, model
-        self.config = config or FitConfig()
+        # the conventions are the manifest's, so a collapsed fit is a poor prediction (reported
+        # in the result's quality), never a convention mistake of the caller
+        self.config = dataclasses.replace(config or FitConfig(), check_conventions=False)
         self.normal_space = normal_space
         self.device = device
         self.engines = engines
@@ -246,16 +254,22 @@ class Reconstructor:
 
     @classmethod
     def default(cls, **kwargs: Any) -> Reconstructor:
-        """The embedded engines shipped with p3dmm.
+        """The embedded default predictors shipped inside the package (``runtime/engines``).
+
+        Two small fp16 ONNX predictors (normals; uv with a face mask) trained on
+        ``p3dmm synth`` renders of the built-in synthetic head, so they pair with
+        ``FlameModel.synthetic(seed=0)`` (the default model). They make a fresh install run
+        the whole pipeline with no download; on real photographs they are rough (see
+        ``runtime/engines/README.md``). ``kwargs`` go to :meth:`from_engines`.
 
         Raises:
-            EngineError: this build has no embedded engines yet.
+            EngineError: the package was installed without its engine files.
         """
-        here = Path(__file__).resolve().parent / "engines"
+        here = default_engines_dir()
         if not (here / "manifest.json").is_file():
             raise EngineError(
-                f"{here}: no embedded engines in this build yet; use Reconstructor.from_engines(DIR) with an "
-                "export-engines directory"
+                f"{here}: the embedded engines are missing from this installation (reinstall p3dmm); or use "
+                "Reconstructor.from_engines(DIR) with an export-engines directory"
             )
         return cls.from_engines(here, **kwargs)
 
@@ -289,8 +303,8 @@ class Reconstructor:
         with self._detector_lock:  # detectors (dlib, OpenCV) are not documented as thread-safe
             boxes = sorted(detector.detect(image), key=lambda b: -b.area)
         if not boxes:
-            raise NoFaceError(f"{name}: no face found (detector {self.detector.name}); pass box='full' for a face crop "
-                              "or box=(x0, y0, x1, y1)")  # fmt: skip
+            raise NoFaceError(f"{name}: no face found (detector {self.detector.name}); for a face crop pass box='full' "
+                              "(--box full on the command line), or box=(x0, y0, x1, y1)")  # fmt: skip
         return boxes
 
     def _boxes(self, image: np.ndarray, box: Any, all_faces: bool, name: str) -> list[tuple[float, float, float, float]]:

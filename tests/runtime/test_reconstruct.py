@@ -263,7 +263,12 @@ def test_missing_manifest_task_or_layout(scene, tmp_path):
     (d / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(EngineError, match="UV layout 'uv-ffffffffffffffff'"):
         Reconstructor.from_engines(d, backend="ort-cpu", detector=None)
-    with pytest.raises(EngineError, match="no embedded engines"):
+
+def test_an_installation_without_the_embedded_engines_says_so(monkeypatch, tmp_path):
+    from p3dmm.runtime import reconstruct
+
+    monkeypatch.setattr(reconstruct, "default_engines_dir", lambda: tmp_path / "engines")
+    with pytest.raises(EngineError, match="embedded engines are missing from this installation"):
         Reconstructor.default()
 
 
