@@ -1,4 +1,6 @@
-"""``p3dmm reconstruct IMAGES_OR_DIRS... --engines DIR --out DIR``: a batch job over photos.
+"""``p3dmm reconstruct IMAGES_OR_DIRS... [--engines DIR] --out DIR``: a batch job over photos.
+
+Without ``--engines`` the embedded default predictors run (``Reconstructor.default()``).
 
 One output folder per image (``OUT/<stem>/``; with ``--all-faces`` one sub-folder per face,
 ``face0`` the largest), written by :meth:`Reconstruction.save`, and ``done.json`` last: a
@@ -72,8 +74,9 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"--out {out}: cannot create it ({e})") from e
-    rec = Reconstructor.from_engines(args.engines, backend=args.backend, device=args.device,
-                                     config=FitConfig(solver=args.solver), detector=args.detector)  # fmt: skip
+    kwargs: dict[str, Any] = {"backend": args.backend, "device": args.device, "config": FitConfig(solver=args.solver),
+                              "detector": args.detector}  # fmt: skip
+    rec = Reconstructor.from_engines(args.engines, **kwargs) if args.engines else Reconstructor.default(**kwargs)
     box: Any = "full" if args.box == "full" else None
     jobs = [(f, out / n) for f, n in zip(files, _names(files))]
     todo = [(f, d) for f, d in jobs if not (d / DONE).is_file()]
@@ -120,7 +123,8 @@ def add_parser(sub: Any) -> None:
     """Register ``p3dmm reconstruct``."""
     r = sub.add_parser("reconstruct", help="reconstruct FLAME meshes from photos with an engine directory")
     r.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and/or directories of images")
-    r.add_argument("--engines", required=True, help="an export-engines directory")
+    r.add_argument("--engines", default=None,
+                   help="an export-engines directory (default: the embedded predictors, trained on synthetic heads)")
     r.add_argument("--out", required=True, help="output directory (one folder per image)")
     r.add_argument("--backend", default="auto", help="auto, tensorrt, ort-tensorrt, ort-cuda or ort-cpu")
     r.add_argument("--device", default="auto", help="fitting device: auto, cpu or cuda")
