@@ -16,15 +16,20 @@ from p3dmm.fitting.render.raster import rasterize
 __all__ = ["save_png", "normals_to_rgb", "uv_to_rgb", "overlay_mesh"]
 
 
-def save_png(path: str | PathLike[str], image: Any) -> str:
-    """Atomically write an ``(H, W)`` or ``(H, W, 3|4)`` uint8 image as PNG."""
+def save_png(path: str | PathLike[str], image: Any, compress_level: int = 1) -> str:
+    """Atomically write an ``(H, W)`` or ``(H, W, 3|4)`` uint8 image as PNG.
+
+    ``compress_level`` is zlib's (0-9). The default 1 instead of Pillow's 6: on the six
+    images one ``Reconstruction.save`` writes, 82 ms against 276 ms for 19 % larger files
+    (1.23 against 1.03 MB; this project's CPU machine), and the runtime writes per photo.
+    """
     from PIL import Image
 
     a = to_numpy(image)
     if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
         raise InputError(f"save_png: image has {a.dtype} {a.shape}, expected uint8 (H, W), (H, W, 3) or (H, W, 4)")
     buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
+    Image.fromarray(a).save(buf, format="PNG", compress_level=int(compress_level))
     return atomic_write_bytes(path, buf.getvalue())
 
 
