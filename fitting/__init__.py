@@ -20,7 +20,7 @@ from .base.errors import (
     P3DMMError,
 )
 from .fitter.config import FitConfig, Observation
-from .fitter.fit import fit
+from .fitter.fit import fit, fit_batch
 from .fitter.result import FitResult
 from .model.arrays import FlameUV, LandmarkEmbedding
 from .model.flame_model import FlameModel
@@ -46,6 +46,7 @@ __all__ = [
     "P3DMMError",
     "RenderedMaps",
     "fit",
+    "fit_batch",
     "rasterize",
     "render_maps",
 ]

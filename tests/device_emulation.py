@@ -66,9 +66,27 @@ class Recorder:
     event_polls: int = 0
     uploads: int = 0
     ops: int = 0  # device operations that launch work (views and transfers excluded)
+    graph_launches: int = 0  # CUDA graph launches (each also counts as one op)
+    graph_nodes: int = 0  # operations captured into graphs (they run inside the launches)
+    captures: int = 0  # stream captures ended
+    capture: "_Capture | None" = None  # the stream capture in progress
 
     def sync(self, kind: str) -> None:
+        if self.capture is not None:
+            raise CaptureError(f"{kind} at {_caller()} during stream capture (cudaErrorStreamCaptureUnsupported)")
         self.syncs.append(SyncEvent(kind, _caller()))
+
+    def upload(self, what: str = "a host value") -> None:
+        if self.capture is not None:
+            raise CaptureError(f"a host-to-device copy of {what} at {_caller()} during stream capture")
+        self.uploads += 1
+
+    def op(self) -> None:
+        """One operation that launches device work (captured into a graph while capturing)."""
+        if self.capture is not None:
+            self.graph_nodes += 1
+        else:
+            self.ops += 1
 
     def since(self, n: int) -> list[SyncEvent]:
         return self.syncs[n:]
@@ -88,6 +106,190 @@ def _caller() -> str:
         if fallback == "?":
             fallback = f"{Path(fr.filename).name}:{fr.lineno} in {fr.name}"
     return fallback
+
+
+class CaptureError(RuntimeError):
+    """What CuPy raises when a stream capture meets an operation it cannot capture."""
+
+
+def _root(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _arrays(y: Any) -> list[np.ndarray]:
+    if isinstance(y, DArray):
+        return [y._a]
+    if isinstance(y, tuple | list):
+        return [a for v in y for a in _arrays(v)]
+    return []
+
+
+class _Capture:
+    """A stream capture in progress: the tape a :class:`_Graph` replays.
+
+    Like CUDA, a capture executes nothing: the emulation computes as it records (it has
+    no other way to learn the shapes), then undoes that. Buffers that existed before the
+    capture and were written by it are restored at the end; arrays created during the
+    capture are filled with garbage (a real capture leaves them unwritten), so code that
+    reads a captured result without launching the graph is caught. A launch replays the
+    tape on the same buffers: Python control flow and Python scalars are frozen at
+    capture, as in a real graph.
+    """
+
+    def __init__(self) -> None:
+        self.tape: list[Any] = []
+        self.created: dict[int, np.ndarray] = {}
+        self.saved: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def new(self, compute: Any, out: Any) -> None:
+        inputs = _closure_arrays(compute)
+        # an output that shares memory with an input is a view (asarray of the same
+        # dtype, ascontiguousarray of a contiguous array): no kernel, nothing to replay
+        outs = [a for a in _arrays(out) if not any(np.may_share_memory(a, b) for b in inputs)]
+        if not outs:
+            return
+        for a in outs:
+            r = _root(a)
+            self.created.setdefault(id(r), r)
+
+        every = _arrays(out)
+        keep = [any(a is o for o in outs) for a in every]
+
+        def replay() -> None:
+            res = compute()
+            vals = [res] if len(every) == 1 and not isinstance(res, tuple | list) else list(_flatten(res))
+            for o, v, k in zip(every, vals, keep):
+                if k:
+                    np.copyto(o, v)
+
+        self.tape.append(replay)
+
+    def write(self, target: np.ndarray, mutate: Any) -> None:
+        """Before an in-place write to ``target``: keep a pre-capture buffer's contents."""
+        r = _root(target)
+        if id(r) not in self.created and id(r) not in self.saved:
+            self.saved[id(r)] = (r, r.copy())
+        self.tape.append(mutate)
+
+    def finish(self) -> "_Graph":
+        for r, copy in self.saved.values():
+            np.copyto(r, copy)
+        for r in self.created.values():
+            if r.flags.c_contiguous and r.size:
+                r.reshape(-1).view(np.uint8)[...] = 0x5A
+        return _Graph(self.tape, list(self.created.values()))
+
+
+def _closure_arrays(fn: Any) -> list[np.ndarray]:
+    """The NumPy arrays an operation's closure reads (its inputs)."""
+    out: list[np.ndarray] = []
+
+    def visit(v: Any, depth: int = 0) -> None:
+        if isinstance(v, np.ndarray):
+            out.append(v)
+        elif depth < 3 and isinstance(v, tuple | list):
+            for x in v:
+                visit(x, depth + 1)
+        elif depth < 3 and isinstance(v, dict):
+            for x in v.values():
+                visit(x, depth + 1)
+        elif hasattr(v, "__self__") and isinstance(v.__self__, np.ndarray):  # a bound method
+            out.append(v.__self__)
+
+    for cell in fn.__closure__ or ():
+        visit(cell.cell_contents)
+    return out
+
+
+def _flatten(y: Any) -> Iterator[Any]:
+    if isinstance(y, tuple | list):
+        for v in y:
+            yield from _flatten(v)
+    else:
+        yield y
+
+
+class _Graph:
+    """``cupy.cuda.Graph``: :meth:`launch` replays the captured operations (one launch)."""
+
+    def __init__(self, tape: list[Any], keep: list[np.ndarray]) -> None:
+        self._tape, self._keep = tape, keep  # the graph keeps its buffers alive (a private pool)
+
+    def launch(self, stream: Any = None) -> None:
+        rec = _rec()
+        if rec.capture is not None:
+            raise CaptureError("Graph.launch during stream capture")
+        rec.graph_launches += 1
+        rec.ops += 1
+        for step in self._tape:
+            step()
+
+
+class _Stream:
+    """``cupy.cuda.Stream``: a context that makes itself current, with stream capture."""
+
+    def __init__(self, null: bool = False, non_blocking: bool = False, ptds: bool = False) -> None:
+        self._capturing = False
+
+    def __enter__(self) -> "_Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def begin_capture(self, mode: Any = None) -> None:
+        rec = _rec()
+        if rec.capture is not None:
+            raise CaptureError("begin_capture: a capture is already in progress")
+        rec.capture = _Capture()
+        self._capturing = True
+
+    def end_capture(self) -> _Graph:
+        rec = _rec()
+        if rec.capture is None or not self._capturing:
+            raise CaptureError("end_capture without begin_capture")
+        cap, rec.capture = rec.capture, None
+        self._capturing = False
+        rec.captures += 1
+        return cap.finish()
+
+    def is_capturing(self) -> bool:
+        return self._capturing
+
+    def synchronize(self) -> None:
+        _rec().sync("Stream.synchronize")
+
+
+def _out(compute: Any) -> Any:
+    """Run an out-of-place device operation (counted; recorded while capturing)."""
+    rec = _rec()
+    rec.op()
+    y = _wrap(compute())
+    if rec.capture is not None:
+        rec.capture.new(compute, y)
+    return y
+
+
+def _inplace(target: np.ndarray, mutate: Any) -> None:
+    """Run a device operation that writes ``target`` in place (counted; recorded while capturing)."""
+    rec = _rec()
+    rec.op()
+    if rec.capture is not None:
+        rec.capture.write(target, mutate)
+    mutate()
+
+
+def _view(compute: Any, sources: Any) -> Any:
+    """An operation that is a view when it can be (reshape & co.): no kernel; a copy is recorded."""
+    y = _wrap(compute())
+    rec = _rec()
+    if rec.capture is not None:
+        src = _arrays(list(sources))
+        if not all(any(np.shares_memory(a, b) for b in src) for a in _arrays(y)):
+            rec.capture.new(compute, y)
+    return y
 
 
 _REC: Recorder | None = None
@@ -149,7 +351,7 @@ def _index_part(k: Any) -> Any:
     if isinstance(k, DArray):
         return k._a
     if isinstance(k, np.ndarray):
-        _rec().uploads += 1  # CuPy copies a NumPy index array to the device
+        _rec().upload("a NumPy index array")  # CuPy copies it to the device
         return k
     return k
 
@@ -171,6 +373,8 @@ class DArray:
         )
 
     def get(self, stream: Any = None, order: str = "C", out: Any = None, blocking: bool = True) -> np.ndarray:
+        if _rec().capture is not None:
+            raise CaptureError("a device-to-host copy during stream capture")
         if not blocking:
             assert isinstance(out, np.ndarray), "get(blocking=False) needs a pinned `out` array"
             _rec().async_copies += 1
@@ -231,9 +435,14 @@ class DArray:
 
         def method(*args: Any, **kwargs: Any) -> Any:
             what = f"ndarray.{name}"
-            if name not in _VIEW_METHODS:
-                _rec().ops += 1
-            return _wrap(attr(*_unwrap(args, what), **{k: _unwrap(v, what) for k, v in kwargs.items()}))
+            a = _unwrap(args, what)
+            kw = {k: _unwrap(v, what) for k, v in kwargs.items()}
+            compute = lambda: attr(*a, **kw)  # noqa: E731
+            if name in _VIEW_METHODS:
+                return _view(compute, (self, *args))
+            if name in _INPLACE_METHODS:
+                return _inplace(self._a, compute)
+            return _out(compute)
 
         return method
 
@@ -242,35 +451,47 @@ class DArray:
 
     def __iter__(self) -> Iterator["DArray"]:
         for i in range(len(self._a)):
-            yield DArray(self._a[i])
+            yield DArray(self._a[i, ...])  # a view, as on the device
 
     def __repr__(self) -> str:
         return f"DArray({self._a!r})"
 
     def __getitem__(self, key: Any) -> Any:
+        idx = _index(key)
+        a = self._a
         if _is_advanced_index(key):
-            _rec().ops += 1  # a gather; basic slicing is a view
-        return _wrap(self._a[_index(key)])
+            return _out(lambda: a[idx])  # a gather
+        # basic slicing is a view; the Ellipsis keeps an integer index a 0-d view (NumPy
+        # would return a scalar copy, CuPy returns a view)
+        parts = idx if isinstance(idx, tuple) else (idx,)
+        return _wrap(a[parts if Ellipsis in parts else (*parts, Ellipsis)])
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._a[_index(key)] = _unwrap(value, "ndarray.__setitem__")
-        _rec().ops += 1  # a fill or scatter kernel
+        idx = _index(key)
+        a, v = self._a, _unwrap(value, "ndarray.__setitem__")
+
+        def mutate() -> None:
+            a[idx] = v
+
+        _inplace(a, mutate)  # a fill or scatter kernel
 
 
 def _binary(name: str) -> Any:
     op = getattr(operator, name + "_" if name in ("and", "or") else name)
 
+    iop = getattr(operator, f"i{name}", None)
+
     def fwd(self: DArray, other: Any) -> Any:
-        _rec().ops += 1
-        return _wrap(op(self._a, _unwrap(other, f"DArray {name}")))
+        a, b = self._a, _unwrap(other, f"DArray {name}")
+        return _out(lambda: op(a, b))
 
     def rev(self: DArray, other: Any) -> Any:
-        _rec().ops += 1
-        return _wrap(op(_unwrap(other, f"DArray {name}"), self._a))
+        a, b = self._a, _unwrap(other, f"DArray {name}")
+        return _out(lambda: op(b, a))
 
     def inplace(self: DArray, other: Any) -> DArray:
-        getattr(operator, f"i{name}")(self._a, _unwrap(other, f"DArray i{name}"))
-        _rec().ops += 1
+        a, b = self._a, _unwrap(other, f"DArray i{name}")
+        _inplace(a, lambda: iop(a, b))
         return self
 
     return fwd, rev, inplace
@@ -287,8 +508,8 @@ for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
 
 def _unary(op: Any) -> Any:
     def f(self: DArray) -> Any:
-        _rec().ops += 1
-        return _wrap(op(self._a))
+        a = self._a
+        return _out(lambda: op(a))
 
     return f
 
@@ -305,6 +526,7 @@ _UPLOAD_FUNCS = {"asarray", "array", "asanyarray"}
 # no kernel: views, and asarray of a device array of the same dtype
 _VIEW_FUNCS = {"reshape", "ravel", "broadcast_to", "transpose", "expand_dims", "squeeze", "swapaxes", "atleast_1d"}
 _VIEW_METHODS = {"reshape", "view", "ravel", "transpose", "squeeze", "swapaxes"}
+_INPLACE_METHODS = {"fill", "sort", "put"}
 
 
 def _is_advanced_index(key: Any) -> bool:
@@ -317,12 +539,18 @@ def _function(fn: Any, name: str) -> Any:
         if name in _SYNC_FUNCS or (name == "where" and len(args) + len(kwargs) == 1):
             _rec().sync(name)
         host = name in _UPLOAD_FUNCS
-        if host and args and not isinstance(args[0], DArray):
-            _rec().uploads += 1  # a host value (array, list or number) copied to the device
-        elif name not in _VIEW_FUNCS and not (host and args and kwargs.get("dtype", args[0].dtype) == args[0].dtype):
-            _rec().ops += 1
         what = f"cupy.{name}"
-        return _wrap(fn(*_unwrap(args, what, host), **{k: _unwrap(v, what, host) for k, v in kwargs.items()}))
+        a = _unwrap(args, what, host)
+        kw = {k: _unwrap(v, what, host) for k, v in kwargs.items()}
+        compute = lambda: fn(*a, **kw)  # noqa: E731
+        if host and args and not isinstance(args[0], DArray):
+            _rec().upload(f"cupy.{name}")  # a host value (array, list or number) copied to the device
+            return _wrap(compute())
+        if name in _VIEW_FUNCS or (host and args and kwargs.get("dtype", args[0].dtype) == args[0].dtype):
+            return _view(compute, (*args, *kwargs.values()))
+        if "out" in kwargs:
+            return _inplace(kw["out"], compute)
+        return _out(compute)
 
     call.__name__ = name
     return call
@@ -361,8 +589,8 @@ def _asnumpy(a: Any, *args: Any, **kwargs: Any) -> np.ndarray:
 
 def _scatter_add(a: DArray, slices: Any, value: Any) -> None:
     """``cupyx.scatter_add`` (atomics on a GPU, no synchronisation)."""
-    np.add.at(a._a, _index(slices), _unwrap(value, "cupyx.scatter_add"))
-    _rec().ops += 1
+    arr, idx, v = a._a, _index(slices), _unwrap(value, "cupyx.scatter_add")
+    _inplace(arr, lambda: np.add.at(arr, idx, v))
 
 
 class _CsrMatrix:
@@ -378,7 +606,7 @@ class _CsrMatrix:
             self._m = arg
             return
         if isinstance(arg, scipy.sparse.spmatrix | scipy.sparse.sparray):
-            _rec().uploads += 1
+            _rec().upload("a SciPy sparse matrix")
             self._m = scipy.sparse.csr_matrix(arg, dtype=dtype)
             return
         if isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[1], tuple):
@@ -387,7 +615,7 @@ class _CsrMatrix:
         elif isinstance(arg, tuple) and len(arg) == 3:
             _rec().sync("cupyx csr_matrix from (data, indices, indptr) (reads indptr[0], indptr[-1])")
         self._m = scipy.sparse.csr_matrix(_unwrap(arg, "csr_matrix"), shape=shape, dtype=dtype)
-        _rec().ops += 1
+        _rec().op()
 
     def _canonical(self) -> None:
         if not self.has_canonical_format:
@@ -410,13 +638,13 @@ class _CsrMatrix:
             _rec().sync("cupyx sparse @ sparse")
             return _CsrMatrix(self._m @ other._m, _internal=True)
         self._canonical()
-        _rec().ops += 1
-        return DArray(np.asarray(self._m @ _unwrap(other, "csr_matrix @")))
+        m, b = self._m, _unwrap(other, "csr_matrix @")
+        return _out(lambda: np.asarray(m @ b))
 
     def __rmatmul__(self, other: Any) -> Any:
         self._canonical()
-        _rec().ops += 1
-        return DArray(np.asarray(_unwrap(other, "@ csr_matrix") @ self._m))
+        m, b = self._m, _unwrap(other, "@ csr_matrix")
+        return _out(lambda: np.asarray(b @ m))
 
     def transpose(self) -> "_CsrMatrix":
         return _CsrMatrix(self._m.T.tocsr(), _internal=True)
@@ -447,16 +675,50 @@ class _Event:
         _rec().sync("Event.synchronize")
 
 
+class _RecordingModule:
+    """A host-compiled module whose kernel launches are device operations (captured into
+    graphs like the others: a launch writes its array arguments in place)."""
+
+    def __init__(self, module: Any) -> None:
+        self._module = module
+
+    def get_function(self, name: str) -> Any:
+        kernel = self._module.get_function(name)
+
+        def launch(grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
+            rec = _rec()
+            rec.op()
+            if rec.capture is not None:
+                for a in args:
+                    if isinstance(a, DArray):
+                        rec.capture.write(a._a, lambda: None)
+                rec.capture.tape.append(lambda: kernel(grid, block, args))
+            kernel(grid, block, args)
+
+        return launch
+
+
 def _make_modules(host: HostCuda) -> dict[str, types.ModuleType]:
     cp = _Module("cupy", np, frozenset())
     cp.ndarray = DArray  # type: ignore[attr-defined]
     cp.asnumpy = _asnumpy  # type: ignore[attr-defined]
     cp.linalg = _Module("cupy.linalg", np.linalg, frozenset({"lstsq"}))  # type: ignore[attr-defined]
     device = types.SimpleNamespace(id=0, synchronize=lambda: None)
+    null_stream = _Stream(null=True)
+
+    class _MemoryPool:  # a private pool: the emulation has no allocator to replace
+        def malloc(self, size: int) -> None:
+            raise AssertionError("the emulation does not allocate through memory pools")
+
     cp.cuda = types.SimpleNamespace(  # type: ignore[attr-defined]
-        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, streamCaptureModeRelaxed=2),
         Device=lambda *a: device,
         Event=_Event,
+        Stream=_Stream,
+        Graph=_Graph,
+        get_current_stream=lambda: null_stream,
+        MemoryPool=_MemoryPool,
+        using_allocator=lambda allocator=None: contextlib.nullcontext(),
     )
 
     def raw_module(*args: Any, **kwargs: Any) -> None:
@@ -504,7 +766,7 @@ def emulated_cuda(build_dir: Path) -> Iterator[Recorder]:
         with pytest.MonkeyPatch.context() as mp:
             for name, mod in modules.items():
                 mp.setitem(sys.modules, name, mod)
-            mp.setattr(_cuda, "load_module", host.load_module)
+            mp.setattr(_cuda, "load_module", lambda *a, **k: _RecordingModule(host.load_module(*a, **k)))
             rec.host = host  # type: ignore[attr-defined]
             yield rec
     finally:

@@ -6,5 +6,5 @@ definition of the residuals, the energy and its gradient) <- ``config``, ``init`
 ``validation`` <- ``problem`` (:class:`FitProblem`, ``prepare``) <- the two solvers
 ``paper`` (Adam) and ``fast`` (Levenberg-Marquardt), peers over one problem <- ``fit``.
 ``uv_nn`` (+ ``uv_nn.cu``) is the UV nearest-neighbour search with its CPU twins.
-The public entry point is :func:`p3dmm.fitting.fit`.
+The public entry points are :func:`p3dmm.fitting.fit` and :func:`p3dmm.fitting.fit_batch`.
 """

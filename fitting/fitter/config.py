@@ -102,6 +102,11 @@ class FitConfig:
         fast_irls_floor_start / fast_irls_floor_decay: the IRLS residual floors start this
             many times larger (flatter, more quadratic models: long early steps) and
             shrink by the decay factor per linearisation down to their base values.
+        cuda_graphs: on CuPy, capture the fixed-shape solver steps (a Levenberg-Marquardt
+            pass, an Adam step) as CUDA graphs and replay them with one launch each
+            (:class:`~p3dmm.fitting.base.graph.StepGraph`; falls back to eager steps when
+            capture fails). False, or the environment variable ``P3DMM_CUDA_GRAPHS=0``,
+            runs every step eagerly (for debugging and profiling). No effect on NumPy.
     """
 
     solver: str = "fast"
@@ -135,6 +140,7 @@ class FitConfig:
     fast_tolerance: float = 5e-3
     fast_irls_floor_start: float = 5.0
     fast_irls_floor_decay: float = 0.6
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from ..base.camera import FLAME_TO_OPENCV
 from ..base.rotation import rodrigues_jvp, skew
+from ..base.graph import StepGraph
 from ..base.xp import LaggedFlag, constant, get_array_module
 from ..model.lbs import flame_forward, flame_jacobian
 from ..model.params import N_JOINTS
@@ -58,12 +59,14 @@ __all__ = [
     "STOP_REASONS",
     "free_variables",
     "init_with_uv",
+    "init_with_uv_batch",
     "levenberg_marquardt",
     "VertexJacobian",
     "normal_equations",
     "normal_jacobian",
     "normal_jacobian_dense",
     "solve_fast",
+    "solve_fast_batch",
     "strided_normals",
 ]
 
@@ -423,10 +426,16 @@ def init_with_uv(problem: FitProblem, state: FitState) -> tuple[FitState, Any]:
     Returns:
         (state, stop code) as :func:`levenberg_marquardt`.
     """
-    cfg = problem.config
+    states, codes = init_with_uv_batch([problem], [state])
+    return states[0], codes[0]
+
+
+def init_with_uv_batch(problems: list[FitProblem], states: list[FitState]) -> tuple[list[FitState], Any]:
+    """:func:`init_with_uv` of several images at once (one set of launches; see :func:`levenberg_marquardt`)."""
+    cfg = problems[0].config
     w = replace(cfg.weights, normal=0.0, uv_cap_px=cfg.weights.uv_cap_px * cfg.init_uv_cap_scale)
-    state, _, code = levenberg_marquardt(problem, state, w, None, cfg.init_uv_iterations, "init_uv")
-    return state, code
+    out, _, codes = levenberg_marquardt(problems, states, w, None, cfg.init_uv_iterations, "init_uv")
+    return out, codes
 
 
 def solve_fast(problem: FitProblem, state: FitState) -> tuple[FitState, Any, Any]:
@@ -435,107 +444,231 @@ def solve_fast(problem: FitProblem, state: FitState) -> tuple[FitState, Any, Any
     Returns:
         (state, passes, stop code) as :func:`levenberg_marquardt`.
     """
-    cfg = problem.config
-    normals = strided_normals(problem.normals, cfg.fast_normal_stride)
-    return levenberg_marquardt(problem, state, cfg.weights, normals, cfg.fast_iterations, "fast")
+    states, passes, codes = solve_fast_batch([problem], [state])
+    return states[0], passes[0], codes[0]
+
+
+def solve_fast_batch(problems: list[FitProblem], states: list[FitState]) -> tuple[list[FitState], Any, Any]:
+    """:func:`solve_fast` of several images at once (one set of launches; see :func:`levenberg_marquardt`)."""
+    cfg = problems[0].config
+    normals = [strided_normals(p.normals, cfg.fast_normal_stride) for p in problems]
+    return levenberg_marquardt(problems, states, cfg.weights, normals, cfg.fast_iterations, "fast")
+
+
+@dataclass
+class _Carry:
+    """The solver's bookkeeping for B images, stacked on a leading axis.
+
+    Device buffers that live across passes and are updated in place (so that a pass can
+    be replayed as a CUDA graph). ``H``, ``g``, ``dH``, ``x0`` and ``e_total`` are the
+    latest linearisation of each image: the GPU makes a new one every pass, the CPU keeps
+    it while steps are rejected.
+    """
+
+    x: Any  # (B, n) current states
+    best_x: Any  # (B, n) best states seen at a linearisation
+    mu: Any  # (B,) damping
+    best_total: Any  # (B,) energy of best_x
+    stale: Any  # (B,) linearisations in a row without a relative decrease of fast_tolerance
+    rejects: Any  # (B,) rejected steps in a row
+    done: Any  # (B,) stopped
+    code: Any  # (B,) index into STOP_REASONS
+    passes: Any  # (B,) tried steps before the stop
+    n_fresh: Any  # (B,) linearisations at new states (the IRLS floor schedule's clock)
+    fresh: Any  # (B,) the state changed since the last linearisation
+    k: Any  # () pass counter: the history row
+    hist: Any  # (B, iterations, len(EnergyTerms.FIELDS) + 1) per-pass energies and skip flags
+    H: Any
+    g: Any
+    dH: Any
+    x0: Any
+    e_total: Any
+
+    @staticmethod
+    def start(xp: Any, x: Any, iterations: int) -> "_Carry":
+        B, n = x.shape
+        f64, i64 = xp.float64, xp.int64
+        hist = xp.zeros((B, max(iterations, 1), len(EnergyTerms.FIELDS) + 1), dtype=f64)
+        hist[:, :, -1] = 1.0  # rows of passes that do not linearise stay skipped
+        return _Carry(
+            x=x.copy(),
+            best_x=x.copy(),
+            mu=xp.full(B, 1e-3, dtype=f64),
+            best_total=xp.full(B, math.inf, dtype=f64),
+            stale=xp.zeros(B, dtype=i64),
+            rejects=xp.zeros(B, dtype=i64),
+            done=xp.zeros(B, dtype=bool),
+            code=xp.zeros(B, dtype=i64),
+            passes=xp.zeros(B, dtype=i64),
+            n_fresh=xp.zeros(B, dtype=i64),
+            fresh=xp.ones(B, dtype=bool),
+            k=xp.zeros((), dtype=i64),
+            hist=hist,
+            H=xp.zeros((B, n, n), dtype=f64),
+            g=xp.zeros((B, n), dtype=f64),
+            dH=xp.zeros((B, n), dtype=f64),
+            x0=x.copy(),
+            e_total=xp.zeros(B, dtype=f64),
+        )
 
 
 def levenberg_marquardt(
-    problem: FitProblem,
-    state: FitState,
+    problems: list[FitProblem],
+    states: list[FitState],
     weights: EnergyWeights,
-    normals: NormalTargets | None,
+    normals: list[NormalTargets] | None,
     iterations: int,
     stage: str,
-) -> tuple[FitState, Any, Any]:
-    """Minimise the energy with ``weights`` (and ``normals`` at the render resolution) from ``state``.
+) -> tuple[list[FitState], Any, Any]:
+    """Minimise the energy with ``weights`` (and ``normals`` at the render resolution) from
+    ``states``, for B images at once.
 
-    Each pass tries one damped step from the latest linearisation; an accepted step is
-    followed by a re-render and a new linearisation. The bookkeeping lives in 0-d device
-    arrays (see the module docstring). Camera values held fixed (:func:`free_variables`)
-    get no step.
+    Each pass tries one damped step per image from its latest linearisation; an accepted
+    step is followed by a re-render and a new linearisation. The images share one set of
+    launches: their variables are stacked (``(B, n)``), their damped systems are solved
+    as one batched solve, and their damping, acceptance and stopping rule are per-image
+    device arrays (:class:`_Carry`); a stopped image is masked out (its state no longer
+    changes) while the others go on. The bookkeeping lives in device arrays updated in
+    place, so on CuPy the fixed-shape pass is captured once as a CUDA graph and replayed
+    (:class:`~p3dmm.fitting.base.graph.StepGraph`, ``FitConfig.cuda_graphs``). Camera
+    values held fixed (:func:`free_variables`) get no step. Each image's result equals its
+    own single-image solve (up to the batched solver's round-off).
 
     Returns:
-        (state, iterations, stop code): the best state seen after a re-render; the
-        number of passes (tried steps) before the stop; an index into
-        :data:`STOP_REASONS`: ``"tolerance"`` (two re-renders in a row lowered the
+        (states, passes ``(B,)``, stop codes ``(B,)``): per image the best state seen
+        after a re-render; the number of passes (tried steps) before the stop; an index
+        into :data:`STOP_REASONS`: ``"tolerance"`` (two re-renders in a row lowered the
         energy by less than ``fast_tolerance`` relative to the best), ``"no_decrease"``
         (eight damped steps in a row were rejected), ``"non_finite"`` (the energy at a
-        re-render is NaN/inf) or ``"max_iterations"`` (``iterations`` passes). The
-        last two are 0-d arrays of the fitting device.
+        re-render is NaN/inf) or ``"max_iterations"`` (``iterations`` passes). Passes and
+        codes are device arrays.
     """
-    xp = problem.xp
-    cfg = problem.config
+    p0 = problems[0]
+    xp = p0.xp
     dense = xp is not np
-    free = constant(xp, free_variables(problem), np.float64)
-    fixed = 1.0 - free
+    template = states[0]
+    c = _Carry.start(xp, xp.stack([s.to_vector() for s in states]), iterations)
+    B = len(problems)
+    relin = [True] * B  # which images linearise in the next pass (the GPU: all, always)
+    frames: list[Any] = [None] * B
+
+    def step() -> None:
+        _lm_pass(problems, template, c, weights, normals, relin, frames, dense)
+
+    graph = StepGraph(xp, step, f"fit: Levenberg-Marquardt ({stage})", enabled=p0.config.cuda_graphs)
     stop = LaggedFlag(xp)
-    f64 = xp.float64
-    mu = xp.asarray(1e-3, dtype=f64)
-    best_total = xp.asarray(math.inf, dtype=f64)
-    best_state = state
-    stale = xp.zeros((), dtype=xp.int64)
-    rejects = xp.zeros((), dtype=xp.int64)
-    done = xp.zeros((), dtype=bool)
-    code = xp.zeros((), dtype=xp.int64)
-    passes = xp.zeros((), dtype=xp.int64)
-    n_fresh = xp.zeros((), dtype=xp.int64)
-    fresh = xp.ones((), dtype=bool)  # the state changed since the last linearisation
-    relinearise = True
-    frame: Any = None
-    e_total: Any = None
-    H: Any = None
-    g: Any = None
-    dH: Any = None
-    x0: Any = None
-    linearisations = 0
     for _ in range(iterations):
-        if relinearise:
-            linearisations += 1
-            fwd = flame_forward(problem.model, state.params())
-            frame = problem.render(state, fwd[0])
-            e = problem.energy(state, frame, weights, normals=normals, forward=fwd)
-            problem.record(stage, linearisations, e, skip=done | ~fresh)
-            e_total = e.total.astype(f64)
-            # re-linearising an unchanged (rejected) state repeats the previous numbers:
-            # only a fresh state counts towards the stopping rule
-            finite = xp.isfinite(e_total)
-            stale = xp.where(fresh, xp.where(e_total <= best_total * (1.0 - cfg.fast_tolerance), 0, stale + 1), stale)
-            better = fresh & finite & (e_total < best_total)
-            best_state = _select(better, state, best_state)
-            best_total = xp.where(better, e_total, best_total)
-            new_code = xp.where(~finite, 3, xp.where(fresh & (stale >= 2), 1, 0))
-            code = xp.where(done, code, new_code)
-            done = done | (new_code > 0)
-            if stop.poll(done):
+        graph()
+        if dense:
+            if stop.poll(c.done.all()):
                 break
-            n_fresh = n_fresh + fresh  # linearisations at new states: the IRLS floor schedule's clock
-            floors = xp.maximum(1.0, cfg.fast_irls_floor_start * cfg.fast_irls_floor_decay ** (n_fresh - 1).astype(f64))
-            floors = floors.astype(problem.model.v_template.dtype)  # a float64 0-d array would promote the weights
-            H, g = normal_equations(
-                problem, state, frame, normals if normals is not None else problem.normals, e,
-                forward=fwd, eps_scale=floors, dense=dense, weights=weights,
-            )  # fmt: skip
-            # fixed camera values: no gradient, an identity block (their step is zero)
-            H = H * free[:, None] * free[None, :] + xp.diag(fixed)
-            g = g * free
-            x0 = state.to_vector()
-            dH = xp.diag(H).copy()
-        passes = passes + ~done
-        A = H + mu * xp.diag(dH + 1e-9 * dH.max())
-        step = -xp.linalg.solve(A, g)
-        cand = state.from_vector((x0 + step).astype(x0.dtype))
-        ec_total = problem.energy(cand, frame, weights, with_grad=False, normals=normals)
-        ec_total = ec_total.total.astype(f64)
-        accept = ~done & xp.isfinite(ec_total) & (ec_total < e_total)
-        state = _select(accept, cand, state)
-        mu = xp.where(accept, xp.maximum(mu / 3.0, 1e-7), xp.where(done, mu, mu * 8.0))
-        rejects = xp.where(accept | done, 0, rejects + 1)
-        code = xp.where(~done & (rejects >= 8), 2, code)
-        done = done | (rejects >= 8)
-        fresh = accept
-        # the CPU knows at once whether to re-linearise; the GPU always does (no read)
-        relinearise = dense or bool(accept)
-        if stop.poll(done):
+            continue
+        # the CPU knows at once which images stopped and which need a new linearisation
+        done, fresh = c.done.tolist(), c.fresh.tolist()
+        if all(done):
             break
-    return best_state, passes, code
+        relin[:] = [not d and f for d, f in zip(done, fresh)]
+    for b, p in enumerate(problems):
+        p.record_rows(stage, c.hist[b, : max(iterations, 0)])
+    out = [template.from_vector(c.best_x[b]) for b in range(B)]
+    return out, c.passes, c.code
+
+
+def _lm_pass(
+    problems: list[FitProblem],
+    template: FitState,
+    c: _Carry,
+    weights: EnergyWeights,
+    normals: list[NormalTargets] | None,
+    relin: list[bool],
+    frames: list[Any],
+    dense: bool,
+) -> None:
+    """One pass of :func:`levenberg_marquardt` over the images, written into ``c`` in place.
+
+    ``relin[b]``: image b linearises at its current state first (always on the GPU,
+    where this is one fixed-shape step; on the CPU only after an accepted step).
+    """
+    p0 = problems[0]
+    xp, cfg = p0.xp, p0.config
+    f64 = xp.float64
+    dt = p0.model.v_template.dtype
+    free = constant(xp, free_variables(p0), np.float64)
+    fixed = 1.0 - free
+    B = len(problems)
+    idx = [b for b in range(B) if relin[b]]
+    if idx:
+        # IRLS floors: the schedule's clock counts linearisations at new states
+        n_fresh = c.n_fresh + c.fresh
+        floors = xp.maximum(1.0, cfg.fast_irls_floor_start * cfg.fast_irls_floor_decay ** (n_fresh - 1).astype(f64))
+        floors = floors.astype(dt)  # a float64 array would promote the weights
+        skip = c.done | ~c.fresh
+        rows, totals, Hs, gs, x0s = [], [], [], [], []
+        for b in idx:
+            p = problems[b]
+            st = template.from_vector(c.x[b])
+            nt = normals[b] if normals is not None else None
+            fwd = flame_forward(p.model, st.params())
+            frames[b] = p.render(st, fwd[0])
+            e = p.energy(st, frames[b], weights, normals=nt, forward=fwd)
+            H, g = normal_equations(
+                p, st, frames[b], nt if nt is not None else p.normals, e,
+                forward=fwd, eps_scale=floors[b], dense=dense, weights=weights,
+            )  # fmt: skip
+            rows.append(e.to_vector())
+            totals.append(e.total.astype(f64))
+            Hs.append(H * free[:, None] * free[None, :] + xp.diag(fixed))  # fixed values: identity block
+            gs.append(g * free)
+            x0s.append(c.x[b])
+        rows_s = xp.stack(rows)
+        if len(idx) == B:  # the GPU path: whole-batch writes
+            c.hist[:, c.k] = xp.concatenate([rows_s, skip.astype(f64)[:, None]], 1)
+            c.H[...], c.g[...], c.x0[...] = xp.stack(Hs), xp.stack(gs), c.x
+            c.e_total[...] = xp.stack(totals)
+            c.n_fresh[...] = n_fresh
+        else:
+            for j, b in enumerate(idx):
+                c.hist[b, c.k] = xp.concatenate([rows_s[j], skip[b : b + 1].astype(f64)])
+                c.H[b], c.g[b], c.x0[b] = Hs[j], gs[j], x0s[j]
+                c.e_total[b] = totals[j]
+                c.n_fresh[b] = n_fresh[b]
+        c.dH[...] = xp.diagonal(c.H, axis1=1, axis2=2)
+        # the stopping rule: re-linearising an unchanged (rejected) state repeats the
+        # previous numbers, so only a fresh state counts
+        e_total, fresh, done = c.e_total, c.fresh, c.done
+        finite = xp.isfinite(e_total)
+        c.stale[...] = xp.where(fresh, xp.where(e_total <= c.best_total * (1.0 - cfg.fast_tolerance), 0, c.stale + 1), c.stale)
+        better = fresh & finite & (e_total < c.best_total)
+        c.best_x[...] = xp.where(better[:, None], c.x, c.best_x)
+        c.best_total[...] = xp.where(better, e_total, c.best_total)
+        new_code = xp.where(~finite, 3, xp.where(fresh & (c.stale >= 2), 1, 0))
+        c.code[...] = xp.where(done, c.code, new_code)
+        c.done[...] = done | (new_code > 0)
+    # ------------------------------------------------- damped steps, one batched solve
+    done = c.done
+    c.passes[...] = c.passes + ~done
+    damp = c.dH + 1e-9 * c.dH.max(1, keepdims=True)
+    eye = xp.eye(c.H.shape[1], dtype=f64)
+    A = c.H + eye * (c.mu[:, None] * damp)[:, None, :]
+    step = -xp.linalg.solve(A, c.g[:, :, None])[:, :, 0]
+    xc = (c.x0 + step).astype(c.x.dtype)
+    live = range(B) if dense else [b for b, d in enumerate(done.tolist()) if not d]
+    ecs = []
+    for b in live:
+        cand = template.from_vector(xc[b])
+        nt = normals[b] if normals is not None else None
+        ecs.append(problems[b].energy(cand, frames[b], weights, with_grad=False, normals=nt).total.astype(f64))
+    if dense:
+        ec = xp.stack(ecs)
+    else:
+        ec = xp.full(B, math.inf, dtype=f64)
+        for j, b in enumerate(live):
+            ec[b] = ecs[j]
+    accept = ~done & xp.isfinite(ec) & (ec < c.e_total)
+    c.x[...] = xp.where(accept[:, None], xc, c.x)
+    c.mu[...] = xp.where(accept, xp.maximum(c.mu / 3.0, 1e-7), xp.where(done, c.mu, c.mu * 8.0))
+    c.rejects[...] = xp.where(accept | done, 0, c.rejects + 1)
+    c.code[...] = xp.where(~done & (c.rejects >= 8), 2, c.code)
+    c.done[...] = done | (c.rejects >= 8)
+    c.fresh[...] = accept
+    c.k += 1

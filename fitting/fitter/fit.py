@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from ..base.camera import FLAME_TO_OPENCV, Camera
-from ..base.errors import ConventionWarning, FittingError, FitQualityWarning
+from ..base.errors import ConventionWarning, FittingError, FitQualityWarning, InputError, P3DMMError
 from ..base.xp import download, resolve_device
 from ..model.flame_model import FlameModel
 from ..model.lbs import flame_forward
@@ -27,12 +28,13 @@ from ..model.params import FlameParams
 from .config import FitConfig, Observation
 from .conventions import check_conventions, uv_in_atlas
 from .energy import EnergyTerms, uv_residuals
-from .fast import STOP_REASONS, init_with_uv, solve_fast
+from .fast import STOP_REASONS, init_with_uv, init_with_uv_batch, solve_fast, solve_fast_batch
 from .paper import paper_outcome, solve_paper
-from .problem import prepare
+from .problem import FitProblem, prepare
+from .state import FitState
 from .result import FitResult, fit_quality
 
-__all__ = ["fit"]
+__all__ = ["fit", "fit_batch"]
 
 
 def fit(
@@ -62,23 +64,111 @@ def fit(
     t_start = time.perf_counter()
     xp = resolve_device(device)
     problem, state, timings = prepare(observation, model, config, xp)
-    H, W = problem.size
     t0 = time.perf_counter()
     init_code: Any = xp.zeros((), dtype=xp.int64)
     if config.init_uv_iterations > 0:
         state, init_code = init_with_uv(problem, state)
     timings["init"] += time.perf_counter() - t0
-
-    # ---------------------------------------------------------------- solve
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     if config.solver == "paper":
-        state, iterations = solve_paper(problem, state)
+        state, _ = solve_paper(problem, state)
     else:
         state, passes, code = solve_fast(problem, state)
         extra["passes"], extra["code"] = passes, code
     timings["solve"] = time.perf_counter() - t0
+    return _finish(problem, state, init_code, extra, model, timings, t_start)
 
+
+def fit_batch(
+    observations: Sequence[Observation],
+    model: FlameModel,
+    config: FitConfig | None = None,
+    device: str | ModuleType = "cpu",
+    errors: str = "raise",
+) -> list[Any]:
+    """:func:`fit` of several images with one set of launches per solver pass.
+
+    The images share the model and the configuration. Each is prepared on its own
+    (validation, UV correspondences, rigid initialisation); the fast solver and the
+    initialisation's UV stage then run on all of them at once
+    (:func:`~.fast.levenberg_marquardt`: stacked variables, one batched solve of the B
+    damped systems, per-image damping, acceptance and stopping; a stopped image is
+    masked out while the others go on), which on CuPy is one CUDA-graph launch per pass
+    for the whole batch. Each result equals the image's own :func:`fit` up to the batched
+    solver's round-off. The paper solver runs the images one after the other.
+
+    Args:
+        observations: the maps of each image (any mix of sizes is fine on the CPU; on the
+            GPU same-size maps share the most work).
+        model, config, device: as :func:`fit`.
+        errors: ``"raise"`` (the first bad image raises) or ``"return"`` (a bad image's
+            slot holds its :class:`~p3dmm.fitting.base.errors.P3DMMError`; the rest go on).
+
+    Returns:
+        One :class:`FitResult` (or error, with ``errors="return"``) per observation, in order.
+    """
+    if errors not in ("raise", "return"):
+        raise InputError(f"fit_batch: errors={errors!r}: expected 'raise' or 'return'")
+    config = config or FitConfig()
+    xp = resolve_device(device)
+    out: list[Any] = [None] * len(observations)
+    live: list[tuple[int, Any, Any, dict[str, float], float]] = []
+    for i, obs in enumerate(observations):
+        t_start = time.perf_counter()
+        try:
+            problem, state, timings = prepare(obs, model, config, xp)
+        except P3DMMError as e:
+            e.add_note(f"fit_batch: observations[{i}]")
+            if errors == "raise":
+                raise
+            out[i] = e
+            continue
+        live.append((i, problem, state, timings, t_start))
+    if not live:
+        return out
+    problems = [it[1] for it in live]
+    states = [it[2] for it in live]
+    B = len(live)
+    t0 = time.perf_counter()
+    init_codes: Any = xp.zeros(B, dtype=xp.int64)
+    if config.init_uv_iterations > 0:
+        states, init_codes = init_with_uv_batch(problems, states)
+    t_init = (time.perf_counter() - t0) / B
+    t0 = time.perf_counter()
+    extras: list[dict[str, Any]] = [{} for _ in range(B)]
+    if config.solver == "paper":
+        states = [solve_paper(p, s)[0] for p, s in zip(problems, states)]
+    else:
+        states, passes, codes = solve_fast_batch(problems, states)
+        extras = [{"passes": passes[b], "code": codes[b]} for b in range(B)]
+    t_solve = (time.perf_counter() - t0) / B
+    for b, (i, problem, _, timings, t_start) in enumerate(live):
+        timings["init"] += t_init
+        timings["solve"] = t_solve
+        try:
+            out[i] = _finish(problem, states[b], init_codes[b], extras[b], model, timings, t_start)
+        except P3DMMError as e:
+            e.add_note(f"fit_batch: observations[{i}]")
+            if errors == "raise":
+                raise
+            out[i] = e
+    return out
+
+
+def _finish(
+    problem: FitProblem,
+    state: FitState,
+    init_code: Any,
+    extra: dict[str, Any],
+    model: FlameModel,
+    timings: dict[str, float],
+    t_start: float,
+) -> FitResult:
+    """The result of a solved problem: one transfer to the host, the checks, the quality."""
+    config = problem.config
+    xp = problem.xp
+    H, W = problem.size
     # ---------------------------------------------------------------- result
     # everything the result needs, read back in one transfer (the first read of the fit
     # on CuPy): the deferred input checks, the energies, the state and the vertices
@@ -112,6 +202,7 @@ def fit(
     if STOP_REASONS[int(host["init_code"])] == "non_finite":
         first = next((h for h in history if not math.isfinite(h["total"])), {})
         raise FittingError(f"fit: non-finite energy in the UV initialisation ({first}); check the observation maps")
+    iterations = config.paper_camera_steps + config.paper_steps
     if config.solver == "fast":
         iterations = int(host["passes"])
         stop_reason = STOP_REASONS[int(host["code"])]

@@ -242,24 +242,34 @@ class FitProblem:
         """
         v = e.to_vector()
         flag = self.xp.zeros((1,), dtype=v.dtype) if skip is None else self.xp.asarray(skip, dtype=v.dtype).reshape(1)
-        self.history.append((stage, it if skip is None else -1, self.xp.concatenate([v, flag])))
+        self.history.append((stage, it if skip is None else -1, self.xp.concatenate([v, flag])[None]))
+
+    def record_rows(self, stage: str, rows: Any, first: int = -1) -> None:
+        """Keep a solver's per-step rows at once: ``(steps, 6)`` device array of
+        :meth:`EnergyTerms.to_vector` values and a skip flag each; the kept rows are
+        numbered ``first, first + 1, ...`` (default: consecutively per stage from 1)."""
+        self.history.append((stage, first, rows))
 
     def history_array(self) -> Any:
         """``(steps, 6)`` device array: :meth:`EnergyTerms.to_vector` rows and the skip flag."""
         if not self.history:
             return self.xp.zeros((0, len(EnergyTerms.FIELDS) + 1))
-        return self.xp.stack([v for _, _, v in self.history])
+        return self.xp.concatenate([v for _, _, v in self.history])
 
     def history_dicts(self, values: np.ndarray) -> list[dict[str, Any]]:
         """Per-step dicts from ``values``, the host copy of :meth:`history_array`."""
         out: list[dict[str, Any]] = []
         count: dict[str, int] = {}
-        for (st, it, _), v in zip(self.history, values):
-            if v[-1]:
-                continue
-            if it < 0:
-                it = count[st] = count.get(st, 0) + 1
-            out.append({"stage": st, "iteration": it, **EnergyTerms.dict_from_vector(v[:-1])})
+        k = 0
+        for st, it, block in self.history:
+            j = 0
+            for v in values[k : k + block.shape[0]]:
+                if v[-1]:
+                    continue
+                n = count[st] = count.get(st, 0) + 1
+                out.append({"stage": st, "iteration": it + j if it >= 0 else n, **EnergyTerms.dict_from_vector(v[:-1])})
+                j += 1
+            k += block.shape[0]
         return out
 
 
