@@ -25,6 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=256, help="observation maps (square)")
     ap.add_argument("--render", type=int, default=128, help="FitConfig.render_size")
+    ap.add_argument("--batch", type=int, nargs="*", default=[4, 16], help="fit_batch sizes of the batched rows")
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -34,6 +35,7 @@ def main() -> None:
         FlameModel,
         Observation,
         fit,
+        fit_batch,
         render_maps,
     )
     from p3dmm.runtime.demo import demo_params
@@ -46,45 +48,73 @@ def main() -> None:
     maps = render_maps(model, params, cam, size=args.size, rgb=False)
     obs = Observation(normals=maps.normals, uv=maps.uv, mask=maps.mask)
 
-    def run(cfg: FitConfig) -> tuple[dict[str, int], int]:
+    def run(cfg: FitConfig, batch: int = 0, later: bool = False) -> tuple[dict[str, int], int]:
+        """Counts of one fit (or fit_batch); ``later``: of a second one in the same process."""
         with tempfile.TemporaryDirectory() as tmp, emulated_cuda(Path(tmp)) as rec:
-            r = fit(obs, model, cfg, device="cuda")
+            for _ in range(2 if later else 1):
+                for k in ("ops", "downloads", "uploads", "graph_launches"):
+                    setattr(rec, k, 0)
+                rec.syncs.clear()
+                rec.host.launches.clear()  # type: ignore[attr-defined]
+                if batch:
+                    rs = fit_batch([obs] * batch, model, cfg, device="cuda")
+                    iters = max(r.iterations for r in rs)
+                else:
+                    iters = fit(obs, model, cfg, device="cuda").iterations
             return {
                 "ops": rec.ops,
                 "kernels": len(rec.host.launches),  # type: ignore[attr-defined]
                 "syncs": len(rec.syncs),
                 "downloads": rec.downloads,
                 "uploads": rec.uploads,
-            }, r.iterations
+                "graphs": rec.graph_launches,
+            }, iters
+
+    def diff(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+        return {k: a[k] - b[k] for k in a}
 
     base = dict(render_size=args.render)
     rows = []
-    # paper: marginal cost of an Adam step of each stage; fixed cost with no steps
+    # paper: marginal cost of an Adam step of each stage (steady state: the difference
+    # between 12 and 6 steps); fixed cost with no steps
     p0, _ = run(FitConfig(solver="paper", paper_camera_steps=0, paper_steps=0, **base))
     rows.append(("prepare + result (no solver steps)", p0, 1))
-    pc, _ = run(FitConfig(solver="paper", paper_camera_steps=6, paper_steps=0, **base))
-    rows.append(("paper: camera-stage Adam step", {k: pc[k] - p0[k] for k in p0}, 6))
-    pf, _ = run(FitConfig(solver="paper", paper_camera_steps=0, paper_steps=6, **base))
-    rows.append(("paper: fitting-stage Adam step", {k: pf[k] - p0[k] for k in p0}, 6))
+    pc6, _ = run(FitConfig(solver="paper", paper_camera_steps=6, paper_steps=0, **base))
+    pc12, _ = run(FitConfig(solver="paper", paper_camera_steps=12, paper_steps=0, **base))
+    rows.append(("paper: camera-stage Adam step", diff(pc12, pc6), 6))
+    pf6, _ = run(FitConfig(solver="paper", paper_camera_steps=0, paper_steps=6, **base))
+    pf12, _ = run(FitConfig(solver="paper", paper_camera_steps=0, paper_steps=12, **base))
+    rows.append(("paper: fitting-stage Adam step", diff(pf12, pf6), 6))
+    rows.append(("paper: first 6 fitting-stage steps (warm-up, capture)", diff(pf6, p0), 6))
     # fast: per LM pass, over early passes (the solver has not stopped yet: every pass runs)
     f1, n1 = run(FitConfig(solver="fast", fast_iterations=2, **base))
     f2, n2 = run(FitConfig(solver="fast", fast_iterations=5, **base))
     if (n1, n2) != (2, 5):
         raise SystemExit(f"the LM stopped early ({n1}, {n2} passes); per-pass counts would be wrong")
-    rows.append(("fast: LM pass", {k: f2[k] - f1[k] for k in f1}, 3))
+    rows.append(("fast: LM pass", diff(f2, f1), 3))
     f_def, n_def = run(FitConfig(solver="fast", **base))
     rows.append((f"fast: whole fit, default config ({n_def} passes)", f_def, 1))
+    f_later, _ = run(FitConfig(solver="fast", **base), later=True)
+    rows.append(("fast: whole fit, a later fit in the same process", f_later, 1))
+    for B in args.batch:
+        fb, nb = run(FitConfig(solver="fast", **base), batch=B)
+        rows.append((f"fast: fit_batch B={B}, per image ({nb} passes)", fb, B))
+        fb, _ = run(FitConfig(solver="fast", **base), batch=B, later=True)
+        rows.append((f"fast: fit_batch B={B}, per image, a later batch", fb, B))
 
     print(f"GPU code path on the CPU emulation; maps {args.size}^2, render {args.render}^2, synthetic head")
-    head = f"{'stage':<44} {'device ops':>10} {'.cu kernels':>11} {'syncs':>6} {'blocking D2H':>12} {'H2D':>5}"
+    head = (f"{'stage':<56} {'device ops':>10} {'graph launches':>14} {'.cu kernels':>11} {'syncs':>6} "
+            f"{'blocking D2H':>12} {'H2D':>5}")
     print(head)
     print("-" * len(head))
     for name, c, n in rows:
         print(
-            f"{name:<44} {c['ops'] / n:>10.0f} {c['kernels'] / n:>11.1f} {c['syncs'] / n:>6.1f} "
+            f"{name:<56} {c['ops'] / n:>10.0f} {c['graphs'] / n:>14.1f} {c['kernels'] / n:>11.1f} {c['syncs'] / n:>6.1f} "
             f"{c['downloads'] / n:>12.1f} {c['uploads'] / n:>5.1f}"
         )
-    print("(per step rows: differences between runs with more and fewer steps, divided by the step count)")
+    print("(per step rows: differences between runs with more and fewer steps, divided by the step count;")
+    print(" device ops: operations launched from the host, a graph launch counting one and our .cu kernels")
+    print(" counting one each outside graphs; .cu kernels: all runs of them, inside graphs too)")
 
 
 if __name__ == "__main__":

@@ -775,9 +775,10 @@ def emulated_cuda(build_dir: Path) -> Iterator[Recorder]:
 
 
 def _clear_caches() -> None:
-    from p3dmm.fitting.base import xp
+    from p3dmm.fitting.base import graph, xp
     from p3dmm.fitting.fitter import fast, problem
 
     problem._MODEL_CACHE.clear()
     fast._INCIDENCE.clear()
+    graph._WARM.clear()
     xp._CONSTANTS.clear()

@@ -11,8 +11,9 @@ buffers that exist before the first call (its temporaries may be anything):
 
 * on NumPy it calls ``step()`` (nothing to capture);
 * on CuPy the first call runs ``step()`` eagerly: a warm-up that compiles and loads the
-  kernels and uploads the cached constants, none of which may happen during a capture;
-  the second call captures ``step()`` on a side stream (``Stream.begin_capture``), with
+  kernels and uploads the cached constants, none of which may happen during a capture
+  (a step whose ``warm`` key already ran in this process skips it: its kernels and
+  constants are in place, so the first call captures); the next call captures ``step()`` on a side stream (``Stream.begin_capture``), with
   a private memory pool that the graph keeps (a temporary of the capture is never handed
   to other code, which the graph's later launches would overwrite), and launches the
   graph on the current stream; later calls launch it again;
@@ -32,7 +33,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Hashable
 from types import ModuleType
 from typing import Any
 
@@ -41,6 +43,9 @@ import numpy as np
 __all__ = ["StepGraph", "graphs_enabled"]
 
 log = logging.getLogger(__name__)
+
+#: Per owner (e.g. the device model), the ``warm`` keys of steps that ran eagerly in this process.
+_WARM: "weakref.WeakKeyDictionary[Any, set[Hashable]]" = weakref.WeakKeyDictionary()
 
 
 def graphs_enabled(requested: bool = True) -> bool:
@@ -56,6 +61,9 @@ class StepGraph:
         step: the step; reads and writes device buffers that outlive it.
         name: for the log and the fallback warning.
         enabled: capture at all (False: always eager).
+        warm: optional ``(owner, key)``: steps with the same key over the same owner (kept
+            weakly) use the same kernels and cached constants, so once one has run
+            eagerly, later ones are captured on their first call.
 
     Attributes:
         calls: how many times the step ran (eagerly or as a graph).
@@ -63,9 +71,18 @@ class StepGraph:
         mode: ``"eager"``, ``"graph"`` or ``"fallback"`` (capture failed).
     """
 
-    def __init__(self, xp: ModuleType, step: Callable[[], None], name: str, enabled: bool = True) -> None:
+    def __init__(self, xp: ModuleType, step: Callable[[], None], name: str, enabled: bool = True,
+                 warm: tuple[Any, Hashable] | None = None) -> None:  # fmt: skip
         self.xp, self.step, self.name = xp, step, name
         self.enabled = xp is not np and graphs_enabled(enabled)
+        if warm is not None:
+            try:
+                hash(warm[1])
+            except TypeError:  # an unhashable key (e.g. a list in the config): always warm up
+                warm = None
+        self._warm = warm
+        self._warm_up = not (self.enabled and warm is not None and warm[1] in _WARM.get(warm[0], ()))
+        self._failed = 0
         self.graph: Any = None
         self._pool: Any = None
         self.calls = 0
@@ -74,8 +91,10 @@ class StepGraph:
 
     def __call__(self) -> None:
         self.calls += 1
-        if not self.enabled or self.calls == 1:
+        if not self.enabled or (self.calls == 1 and self._warm_up):
             self.step()  # NumPy, graphs off, or the warm-up
+            if self.enabled and self._warm is not None:
+                _WARM.setdefault(self._warm[0], set()).add(self._warm[1])
             return
         if self.graph is None and not self._capture():
             self.step()
@@ -95,6 +114,12 @@ class StepGraph:
                 finally:
                     graph = stream.end_capture()
         except Exception as e:  # noqa: BLE001 - any failure to capture falls back to eager steps
+            self._failed += 1
+            if self._failed == 1 and not self._warm_up:
+                # captured before any eager run: something still needed a first run here;
+                # this call runs eagerly (a warm-up) and the next one captures again
+                log.debug("%s: capture without warm-up failed (%s); warming up", self.name, e)
+                return False
             self.enabled, self.mode = False, "fallback"
             warnings.warn(f"{self.name}: CUDA graph capture failed ({type(e).__name__}: {e}); running eagerly", RuntimeWarning, stacklevel=3)
             return False

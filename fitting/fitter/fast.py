@@ -555,7 +555,11 @@ def levenberg_marquardt(
     def step() -> None:
         _lm_pass(problems, template, c, weights, normals, relin, frames, dense)
 
-    graph = StepGraph(xp, step, f"fit: Levenberg-Marquardt ({stage})", enabled=p0.config.cuda_graphs)
+    # the pass's kernels and cached constants depend on the model, the configuration and
+    # the weights, the map sizes (S) and the normal spaces: once warmed, later fits capture at once
+    key = ("lm", stage, p0.config, weights, tuple(sorted({(p.size, p.normals.space) for p in problems})))
+    graph = StepGraph(xp, step, f"fit: Levenberg-Marquardt ({stage})", enabled=p0.config.cuda_graphs,
+                      warm=(p0.model, key))  # fmt: skip
     stop = LaggedFlag(xp)
     for _ in range(iterations):
         graph()

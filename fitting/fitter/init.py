@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from ..base.camera import FLAME_TO_OPENCV, Camera
+from ..base.graph import StepGraph
 from ..base.rotation import rodrigues, rotation_to_axis_angle
 from ..base.xp import asarray_on, constant, get_array_module
 from ..model.flame_model import FlameModel
@@ -27,6 +28,7 @@ def init_rigid(
     weights: EnergyWeights,
     iters: int = 15,
     fix_focal: bool = False,
+    graphs: bool = True,
 ) -> FitState:
     """Head rotation, camera translation and focal from UV correspondences alone.
 
@@ -61,7 +63,7 @@ def init_rigid(
     tz = f0 / s - ((X @ Rc.T)[:, 2] * valid).sum() / xp.maximum(valid.sum(), 1.0)
     txy = (b - pp) / s
     t = xp.stack([txy[0], txy[1], tz])
-    return refine_rigid(X, p, valid, uv.n_targets, Rg, t, math.log(f0), pp, size, weights, iters, model, fix_focal)
+    return refine_rigid(X, p, valid, uv.n_targets, Rg, t, math.log(f0), pp, size, weights, iters, model, fix_focal, graphs)
 
 
 def refine_rigid(
@@ -78,22 +80,28 @@ def refine_rigid(
     iters: int,
     model: FlameModel,
     fix_focal: bool = False,
+    graphs: bool = True,
 ) -> FitState:
     """Gauss-Newton with IRLS on ``(lambda_uv / N) sum |r_v| + lambda_f (log f - log f0)^2``.
 
     Variables: a left rotation increment in camera axes, the camera translation and the
     log focal length; the template (zero shape/expression) is rigid here; ``valid``
     (0/1 per row) drops rows without a correspondence and ``n_targets`` is N. A fixed
-    number of iterations (no convergence test, which would read the device).
+    number of iterations (no convergence test, which would read the device); on CuPy an
+    iteration is captured as a CUDA graph (``graphs``: :attr:`FitConfig.cuda_graphs`).
     """
     xp = get_array_module(X)
     R0 = constant(xp, FLAME_TO_OPENCV, xp.float64)
     height, width = size
     S = float(max(size))
     n = xp.maximum(xp.asarray(n_targets, dtype=xp.float64), 1.0)
-    lf = xp.asarray(lf0, dtype=xp.float64)
     eye7 = xp.eye(7)
-    for _ in range(iters):
+    # the variables live in buffers updated in place: on CuPy an iteration is a CUDA graph
+    Rg = xp.array(Rg, dtype=xp.float64, copy=True)
+    t = xp.array(t, dtype=xp.float64, copy=True)
+    lf = xp.full((), lf0, dtype=xp.float64)
+
+    def iteration() -> None:
         camera = Camera(focal=xp.exp(lf), principal=pp, R=R0 @ Rg, t=t, width=width, height=height)
         Y = X @ camera.R.T
         Xc = Y + t
@@ -118,9 +126,14 @@ def refine_rigid(
             H = H * (1.0 - eye7[6])[:, None] * (1.0 - eye7[6])[None, :] + eye7[6][:, None] * eye7[6][None, :]
             g = g * (1.0 - eye7[6])
         delta = -xp.linalg.solve(H + 1e-9 * xp.trace(H) * eye7, g)
-        Rg = R0.T @ rodrigues(delta[None, :3])[0] @ R0 @ Rg
-        t = t + delta[3:6]
-        lf = lf + delta[6]
+        Rg[...] = R0.T @ rodrigues(delta[None, :3])[0] @ R0 @ Rg
+        t[...] = t + delta[3:6]
+        lf[...] = lf + delta[6]
+
+    key = ("rigid", size, weights, fix_focal, X.shape)
+    graph = StepGraph(xp, iteration, "fit: rigid initialisation", enabled=graphs, warm=(model, key))
+    for _ in range(iters):
+        graph()
     dt = model.v_template.dtype
     pose = xp.zeros(POSE_SHAPE, dtype=dt)
     pose[0] = rotation_to_axis_angle(Rg).astype(dt)

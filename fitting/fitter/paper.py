@@ -90,8 +90,11 @@ def adam(
         hist[t.astype(xp.int64) - 1] = row
 
     every = max(cfg.rerender_every, 1)
+    key = ("adam", stage, cfg, weights, groups, problem.size, problem.normals.space)
     graphs = {
-        r: StepGraph(xp, lambda r=r: step(r), f"fit: Adam ({stage})", enabled=cfg.cuda_graphs) for r in (True, False)
+        r: StepGraph(xp, lambda r=r: step(r), f"fit: Adam ({stage})", enabled=cfg.cuda_graphs,
+                     warm=(problem.model, (*key, r)))  # fmt: skip
+        for r in (True, False)
     }
     for it in range(steps):
         graphs[it % every == 0]()

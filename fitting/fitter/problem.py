@@ -341,7 +341,9 @@ def prepare(
     t0 = time.perf_counter()
     f0 = float(config.focal or config.focal_init or 2.0 * S)
     pp0 = np.array(config.principal_point if config.principal_point is not None else [(W - 1) / 2, (H - 1) / 2])
-    state = init_rigid(dmodel, uvt, f0, pp0, (H, W), config.weights, fix_focal=config.focal is not None)
+    state = init_rigid(
+        dmodel, uvt, f0, pp0, (H, W), config.weights, fix_focal=config.focal is not None, graphs=config.cuda_graphs
+    )
     prior = None if observation.shape_prior is None else asarray_on(xp, observation.shape_prior, dtype)
     problem = FitProblem(
         dmodel,

@@ -1,0 +1,224 @@
+"""Batched fitting (``fit_batch``) and the CUDA-graph capture of solver steps (``StepGraph``).
+
+On the CPU and on the CuPy emulation: a batch gives each image its own fit's result; the
+captured steps replay exactly what eager steps compute; the emulation's capture behaves
+like CUDA's (nothing runs at capture, Python values are frozen, a host read cannot be
+captured) so that these checks mean something without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from p3dmm.fitting import Camera, FitConfig, FlameModel, Observation, fit, fit_batch, render_maps
+from p3dmm.fitting.base.errors import FittingError, InputError
+from p3dmm.fitting.base.graph import StepGraph, graphs_enabled
+from p3dmm.fitting.base.errors import FitQualityWarning
+
+from ..device_emulation import CaptureError, emulated_cuda
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def head() -> FlameModel:
+    return FlameModel.synthetic(seed=0)
+
+
+def _observations(head: FlameModel, n: int = 3) -> list[Observation]:
+    from p3dmm.runtime.demo import demo_params
+
+    out = []
+    for seed in range(n):
+        p = demo_params(head, seed=seed)
+        cam = Camera.frontal(distance=1.0, focal=1200.0 * SIZE / 512, width=SIZE, height=SIZE)
+        m = render_maps(head, p, cam, size=SIZE, rgb=False)
+        out.append(Observation(normals=m.normals, uv=m.uv, mask=m.mask))
+    return out
+
+
+CFG = FitConfig(render_size=48, fast_iterations=12, init_uv_iterations=4)
+
+
+def _same(a, b, tol: float = 0.0) -> None:
+    assert a.iterations == b.iterations and a.stop_reason == b.stop_reason
+    np.testing.assert_allclose(a.vertices, b.vertices, atol=tol, rtol=0)
+    np.testing.assert_allclose(a.camera.t, b.camera.t, atol=tol, rtol=0)
+    np.testing.assert_allclose(float(a.camera.focal), float(b.camera.focal), rtol=max(tol, 1e-12))
+    np.testing.assert_allclose(a.camera.principal, b.camera.principal, atol=max(tol, 1e-9) * 512)
+    assert [h["iteration"] for h in a.history] == [h["iteration"] for h in b.history]
+    np.testing.assert_allclose([h["total"] for h in a.history], [h["total"] for h in b.history], rtol=max(tol, 1e-12))
+
+
+@pytest.mark.parametrize("solver", ["fast", "paper"])
+def test_fit_batch_equals_single_fits_on_the_cpu(head: FlameModel, solver: str) -> None:
+    """Each image of a batch gets its own fit's result (the images stop after different pass counts)."""
+    obs = _observations(head)
+    cfg = dataclasses.replace(CFG, solver=solver, paper_camera_steps=3, paper_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitQualityWarning)
+        single = [fit(o, head, cfg) for o in obs]
+        batch = fit_batch(obs, head, cfg)
+    for a, b in zip(single, batch):
+        _same(a, b, tol=1e-6)
+    if solver == "fast":
+        assert len({r.iterations for r in single}) > 1, "the batch should mix images that stop at different passes"
+
+
+def test_fit_batch_reports_the_bad_item_and_goes_on(head: FlameModel) -> None:
+    obs = _observations(head, 2)
+    bad = Observation(normals=obs[0].normals, uv=obs[0].uv, mask=np.zeros_like(obs[0].mask))  # empty mask
+    wrong = Observation(normals=obs[0].normals[:10], uv=obs[0].uv, mask=obs[0].mask)  # mismatched shapes
+    res = fit_batch([obs[0], bad, obs[1], wrong], head, CFG, errors="return")
+    assert isinstance(res[1], FittingError) and isinstance(res[3], InputError)
+    assert "observations[1]" in " ".join(res[1].__notes__) and "observations[3]" in " ".join(res[3].__notes__)
+    _same(res[0], fit(obs[0], head, CFG), tol=1e-6)
+    _same(res[2], fit(obs[1], head, CFG), tol=1e-6)
+    with pytest.raises(FittingError) as ei:
+        fit_batch([obs[0], bad], head, CFG)
+    assert "observations[1]" in " ".join(ei.value.__notes__)
+    with pytest.raises(InputError, match="errors="):
+        fit_batch(obs, head, CFG, errors="ignore")
+
+
+def test_fit_batch_on_the_emulated_device_matches_the_cpu(tmp_path: Path, head: FlameModel) -> None:
+    """The batched GPU path: no host reads, one graph launch per pass for the whole batch,
+    the CPU's results (float64: the arithmetic is the same up to summation order)."""
+    model = head.astype(np.dtype("float64"))
+    obs = _observations(head)
+    cpu = fit_batch(obs, model, CFG)
+    with emulated_cuda(tmp_path) as rec:
+        dev = fit_batch(obs, model, CFG, device="cuda")
+    assert rec.syncs == []
+    # one rigid-initialisation graph per image; the UV stage and the fast solver: one graph each for all images
+    assert rec.captures == len(obs) + 2
+    for a, b in zip(cpu, dev):
+        _same(a, b, tol=1e-6)
+
+
+def test_captured_solves_equal_eager_solves_on_the_emulated_device(tmp_path: Path, head: FlameModel) -> None:
+    """Replaying the captured LM passes and Adam steps computes exactly what running them does."""
+    obs = _observations(head, 1)[0]
+    for solver in ("fast", "paper"):
+        cfg = dataclasses.replace(CFG, solver=solver, paper_camera_steps=4, paper_steps=5, rerender_every=2)
+        runs = {}
+        for graphs in (True, False):
+            with emulated_cuda(tmp_path / f"{solver}{graphs}") as rec:
+                runs[graphs] = fit(obs, head, dataclasses.replace(cfg, cuda_graphs=graphs), device="cuda")
+                launches = rec.graph_launches
+            assert (launches > 0) == graphs
+        _same(runs[True], runs[False])
+
+
+def test_non_finite_maps_stop_a_captured_solve(tmp_path: Path, head: FlameModel) -> None:
+    """A NaN that appears inside the replayed passes is still reported (the stop code is device state)."""
+    obs = _observations(head, 1)[0]
+    normals = obs.normals.copy()
+    normals[~obs.mask] = np.nan  # outside the mask: validation accepts it; the strided L_n never reads it
+    with emulated_cuda(tmp_path) as rec:
+        r = fit(dataclasses.replace(obs, normals=normals), head, CFG, device="cuda")
+        assert rec.graph_launches > 0
+    assert np.isfinite(r.vertices).all()
+
+
+# ------------------------------------------------------------------ StepGraph
+def test_step_graph_on_numpy_just_calls_the_step() -> None:
+    calls = []
+    g = StepGraph(np, lambda: calls.append(1), "numpy step")
+    for _ in range(3):
+        g()
+    assert calls == [1, 1, 1] and g.launches == 0 and g.mode == "eager"
+
+
+def test_step_graph_warms_up_captures_then_replays(tmp_path: Path) -> None:
+    """First call eager, second captured and launched, the rest launched; a Python counter
+    inside the step is frozen at capture, exactly as in a real graph."""
+    with emulated_cuda(tmp_path) as rec:
+        import cupy as cp
+
+        x = cp.zeros(3)
+        seen = []
+
+        def step() -> None:
+            seen.append(len(seen))
+            x[...] = x * 2.0 + 1.0 + len(seen)  # the Python number is a kernel argument: frozen
+
+        g = StepGraph(cp, step, "test step")
+        for _ in range(4):
+            g()
+        assert g.mode == "graph" and g.launches == 3 and rec.captures == 1 and rec.graph_launches == 3
+        assert seen == [0, 1]  # Python ran at the warm-up and at the capture only
+        want = 0.0
+        for k in (1, 2, 2, 2):  # the replays keep the value captured at the second call
+            want = want * 2.0 + 1.0 + k
+        assert np.allclose(x.get(), want)
+
+
+def test_emulated_capture_runs_nothing_and_leaves_temporaries_unwritten(tmp_path: Path) -> None:
+    with emulated_cuda(tmp_path) as rec:
+        import cupy as cp
+
+        x = cp.ones(4)
+        s = cp.cuda.Stream(non_blocking=True)
+        s.begin_capture()
+        y = x + 1.0
+        x[...] = y * 3.0
+        graph = s.end_capture()
+        assert np.allclose(x.get(), 1.0)  # the capture did not write x
+        assert not np.allclose(y.get(), 2.0)  # a captured temporary holds garbage until a launch
+        graph.launch()
+        assert np.allclose(x.get(), 6.0) and np.allclose(y.get(), 2.0)
+        graph.launch()
+        assert np.allclose(x.get(), 21.0)
+        assert rec.graph_nodes == 3 and rec.graph_launches == 2  # x + 1, * 3, the write into x
+
+
+def test_step_graph_falls_back_when_the_step_cannot_be_captured(tmp_path: Path) -> None:
+    """A host read inside the step fails the capture (as in CUDA): one warning, eager from then on."""
+    with emulated_cuda(tmp_path) as rec:
+        import cupy as cp
+
+        x = cp.zeros(())
+        calls = []
+
+        def step() -> None:
+            calls.append(1)
+            x[...] = x + 1.0
+            if float(x) > 100:  # a host read: not capturable
+                x[...] = 0.0
+
+        g = StepGraph(cp, step, "reading step")
+        with pytest.warns(RuntimeWarning, match="reading step: CUDA graph capture failed"):
+            for _ in range(4):
+                g()
+        assert g.mode == "fallback" and g.launches == 0 and rec.graph_launches == 0
+        assert float(x) == 4.0  # every call ran once (the failed capture wrote nothing)
+
+
+def test_graphs_can_be_switched_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("P3DMM_CUDA_GRAPHS", "0")
+    assert not graphs_enabled()
+    with emulated_cuda(tmp_path) as rec:
+        import cupy as cp
+
+        g = StepGraph(cp, lambda: None, "off")
+        g(), g()
+        assert g.mode == "eager" and rec.captures == 0
+    monkeypatch.delenv("P3DMM_CUDA_GRAPHS")
+    assert graphs_enabled() and not graphs_enabled(False)
+
+
+def test_capture_error_is_what_cupy_raises_for_uploads(tmp_path: Path) -> None:
+    with emulated_cuda(tmp_path):
+        import cupy as cp
+
+        s = cp.cuda.Stream(non_blocking=True)
+        s.begin_capture()
+        with pytest.raises(CaptureError, match="host-to-device"):
+            cp.asarray(np.ones(3))
+        s.end_capture()
