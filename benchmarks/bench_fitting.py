@@ -16,6 +16,11 @@ Prints time per image, steps, per-step time, posed/neutral vertex error (mm, fac
 region, similarity-aligned) and speed ratios.
 
     python benchmarks/bench_fitting.py [--size 512] [--threads 2] [--quick] [--images 1]
+
+``--batch B`` instead times the fast solver on B faces fitted one by one (``fit``) and as
+one batch (``fit_batch``), side by side in one run, on NumPy and, where a GPU is usable,
+on CuPy (each device's first fit is a warm-up, not timed), and prints ms per image, the
+ratio and the largest vertex difference between the two.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1, help="number of random faces to fit")
     ap.add_argument("--quick", action="store_true", help="100 + 200 Adam steps instead of 500 + 800")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--batch", type=int, default=0, help="time fit vs fit_batch on this many faces (see above)")
+    ap.add_argument("--repeats", type=int, default=3, help="--batch: timed repeats (the median is printed)")
     args = ap.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
@@ -50,6 +57,8 @@ def main() -> None:
     from p3dmm.fitting.metrics import vertex_errors
     from p3dmm.runtime.demo import demo_params
 
+    if args.batch:
+        return batch_rows(args)
     cam_steps, fit_steps = (100, 200) if args.quick else (500, 800)
     model = FlameModel.synthetic(seed=0)
     face = model.masks["face"]
@@ -109,6 +118,51 @@ def main() -> None:
             m = means[name]
             print(f"{name}: {base[0] / m[0]:.1f}x faster per image than the torch baseline, "
                   f"{(base[0] / base[1]) / (m[0] / m[1]):.1f}x per step")
+
+
+def batch_rows(args) -> None:
+    """``--batch``: serial ``fit`` vs ``fit_batch`` of the same faces, per device."""
+    import statistics
+    import warnings
+
+    import numpy as np
+    from p3dmm.fitting import Camera, FitConfig, FlameModel, Observation, fit, fit_batch, render_maps
+    from p3dmm.fitting.base.errors import BackendUnavailableError
+    from p3dmm.fitting.base.xp import resolve_device
+    from p3dmm.runtime.demo import demo_params
+
+    model = FlameModel.synthetic(seed=0)
+    obs = []
+    for i in range(args.batch):
+        cam = Camera.frontal(distance=1.0, focal=1200.0 * args.size / 512, width=args.size, height=args.size)
+        m = render_maps(model, demo_params(model, seed=100 + i), cam, size=args.size, rgb=False)
+        obs.append(Observation(normals=m.normals, uv=m.uv, mask=m.mask))
+    cfg = FitConfig()
+    devices = ["cpu"]
+    try:
+        resolve_device("cuda")
+        devices.append("cuda")
+    except BackendUnavailableError as e:
+        print(f"(no CuPy rows: {e})")
+    print(f"fast solver, {args.batch} faces, maps {args.size}^2, render {cfg.render_size}^2, "
+          f"{args.threads} threads, median of {args.repeats}")
+    print(f"{'device':<8} {'fit one by one':>16} {'fit_batch':>12} {'ratio':>7} {'max |dv| (m)':>13}")
+    warnings.simplefilter("ignore")
+    for dev in devices:
+        fit(obs[0], model, cfg, device=dev)  # warm-up: kernels, constants, caches
+        fit_batch(obs[:2], model, cfg, device=dev)
+        t_one, t_batch = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            one = [fit(o, model, cfg, device=dev) for o in obs]
+            t_one.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            bat = fit_batch(obs, model, cfg, device=dev)
+            t_batch.append(time.perf_counter() - t0)
+        a, b = statistics.median(t_one) / args.batch, statistics.median(t_batch) / args.batch
+        dv = max(float(np.abs(x.vertices - y.vertices).max()) for x, y in zip(one, bat))
+        print(f"{dev:<8} {1e3 * a:>13.1f} ms {1e3 * b:>9.1f} ms {a / b:>6.2f}x {dv:>13.2e}")
+    print("(ms per image; ratio > 1: the batch is faster per image)")
 
 
 def torch_baseline(obs, model, config, threads):  # -> (posed vertices, neutral vertices, steps)

@@ -6,8 +6,8 @@
     r = rec.reconstruct("photo.jpg")            # the largest face; box="full" for a crop
     r.save("out/photo")                         # meshes, params, camera, maps, texture, report
 
-The predictors run batched (:meth:`Reconstructor.reconstruct_batch`), the fits per
-image. The fitter's ``normal_space`` and the FLAME model's UV layout come from the
+The predictors and the fits run batched (:meth:`Reconstructor.reconstruct_batch`; the
+fits through :func:`p3dmm.fitting.fit_batch`, one set of solver launches per batch). The fitter's ``normal_space`` and the FLAME model's UV layout come from the
 engines' manifest: official engines predict head-space normals in FLAME 2020's layout
 and need ``model=FlameModel.load(...)``; engines trained on the synthetic head predict in
 its layout, which is the default model. When the engines have no ``mask`` output, the
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from p3dmm.fitting import Camera, FitConfig, FitResult, FlameModel, FlameParams, Observation, fit
+from p3dmm.fitting import Camera, FitConfig, FitResult, FlameModel, FlameParams, Observation, fit_batch
 from p3dmm.fitting.base.atomic_io import atomic_write, atomic_write_bytes
 from p3dmm.fitting.base.errors import EngineError, InputError, P3DMMError
 from p3dmm.fitting.base.mesh_io import save_mesh
@@ -373,7 +373,7 @@ class Reconstructor:
 
     def reconstruct_batch(self, images: Sequence[Any], boxes: Sequence[Any] | None = None, focal: float | None = None,
                           errors: str = "raise") -> list[Any]:  # fmt: skip
-        """One face per image; the predictors run on the batch, the fits per image.
+        """One face per image; the predictors and the fits run on the batch (:func:`~p3dmm.fitting.fit_batch`).
 
         Args:
             errors: ``"raise"`` (the first bad image raises) or ``"return"`` (a bad
@@ -418,38 +418,51 @@ class Reconstructor:
             maps = self.predict(np.stack([it[4] for it in good]))
             t_pred = (time.perf_counter() - t0) / len(good)
         results: list[Any] = [None] * (len(items) if all_faces else len(images))
+        # the fits of faces that share a configuration run as one batch (fit_batch)
+        jobs: dict[FitConfig, list[tuple[int, tuple[Any, ...], Observation]]] = {}
         k = 0
         for slot, it in enumerate(items):
             if len(it) == 2:
                 results[slot if all_faces else it[0]] = it[1]
                 continue
-            i, rgb, fb, (left, top, side), crop, timings = it
             m = {name: maps[name][k] for name in maps}
             k += 1
             try:
-                r = self._fit_one(rgb, fb, (left, top, side), crop, m, focal, dict(timings, predict=t_pred))
+                config = self._config(focal, it[3][2])
             except P3DMMError as e:
                 if not keep_errors:
                     raise
-                r = e
-            results[slot if all_faces else i] = r
+                results[slot if all_faces else it[0]] = e
+                continue
+            obs = Observation(normals=m["normals"], uv=m["uv"], mask=m["mask"], normal_space=self.normal_space)
+            jobs.setdefault(config, []).append((slot, (*it, m), obs))
+        for config, job in jobs.items():
+            t0 = time.perf_counter()
+            fits = fit_batch([o for _, _, o in job], self.model, config, device=self.device,
+                             errors="return" if keep_errors else "raise")  # fmt: skip
+            t_fit = (time.perf_counter() - t0) / len(job)
+            for (slot, (i, rgb, fb, crop, crop_img, timings, m), _), result in zip(job, fits):
+                r: Any = result
+                if not isinstance(result, P3DMMError):
+                    r = self._reconstruction(rgb, fb, crop, crop_img, m, result,
+                                             dict(timings, predict=t_pred, fit=t_fit))  # fmt: skip
+                results[slot if all_faces else i] = r
         for r in results:
             if isinstance(r, Reconstruction):
                 r.timings["batch_total"] = time.perf_counter() - t_all
         return [r for r in results if r is not None] if all_faces else results
 
-    def _fit_one(self, rgb: np.ndarray, box: tuple[float, ...], crop: tuple[int, int, int], crop_img: np.ndarray,
-                 maps: dict[str, np.ndarray], focal: float | None, timings: dict[str, float]) -> Reconstruction:  # fmt: skip
+    def _config(self, focal: float | None, side: int) -> FitConfig:
+        """The fit's configuration for a crop of ``side`` pixels (a known focal length scaled to the crop)."""
+        if focal is None:
+            return self.config
+        if not (np.isfinite(focal) and focal > 0):
+            raise InputError(f"focal {focal!r}: expected a positive focal length in pixels of the original image")
+        return dataclasses.replace(self.config, focal=float(focal) * CROP_SIZE / side)
+
+    def _reconstruction(self, rgb: np.ndarray, box: tuple[float, ...], crop: tuple[int, int, int], crop_img: np.ndarray,
+                        maps: dict[str, Any], result: FitResult, timings: dict[str, float]) -> Reconstruction:  # fmt: skip
         left, top, side = crop
-        config = self.config
-        if focal is not None:
-            if not (np.isfinite(focal) and focal > 0):
-                raise InputError(f"focal {focal!r}: expected a positive focal length in pixels of the original image")
-            config = dataclasses.replace(config, focal=float(focal) * CROP_SIZE / side)
-        obs = Observation(normals=maps["normals"], uv=maps["uv"], mask=maps["mask"], normal_space=self.normal_space)
-        t0 = time.perf_counter()
-        result = fit(obs, self.model, config, device=self.device)
-        timings["fit"] = time.perf_counter() - t0
         maps = {k: _host(v) for k, v in maps.items()}  # after the fit: the result is on the host anyway
         timings["total"] = sum(v for k, v in timings.items() if k in ("decode", "detect", "crop", "predict", "fit"))
         return Reconstruction(

@@ -651,12 +651,17 @@ def _lm_pass(
     # ------------------------------------------------- damped steps, one batched solve
     done = c.done
     c.passes[...] = c.passes + ~done
-    damp = c.dH + 1e-9 * c.dH.max(1, keepdims=True)
+    live = list(range(B)) if dense else [b for b, d in enumerate(done.tolist()) if not d]
+    sel = slice(None) if dense or len(live) == B else live  # the CPU solves the live images only
+    damp = c.dH[sel] + 1e-9 * c.dH[sel].max(1, keepdims=True)
     eye = xp.eye(c.H.shape[1], dtype=f64)
-    A = c.H + eye * (c.mu[:, None] * damp)[:, None, :]
-    step = -xp.linalg.solve(A, c.g[:, :, None])[:, :, 0]
-    xc = (c.x0 + step).astype(c.x.dtype)
-    live = range(B) if dense else [b for b, d in enumerate(done.tolist()) if not d]
+    A = c.H[sel] + eye * (c.mu[sel][:, None] * damp)[:, None, :]
+    step = -xp.linalg.solve(A, c.g[sel][:, :, None])[:, :, 0]
+    if isinstance(sel, slice):
+        xc = (c.x0 + step).astype(c.x.dtype)
+    else:
+        xc = c.x.copy()
+        xc[live] = (c.x0[live] + step).astype(c.x.dtype)
     ecs = []
     for b in live:
         cand = template.from_vector(xc[b])

@@ -9,6 +9,7 @@ reported when the result is read.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import Any
 
@@ -92,7 +93,7 @@ def adam(
     every = max(cfg.rerender_every, 1)
     key = ("adam", stage, cfg, weights, groups, problem.size, problem.normals.space)
     graphs = {
-        r: StepGraph(xp, lambda r=r: step(r), f"fit: Adam ({stage})", enabled=cfg.cuda_graphs,
+        r: StepGraph(xp, functools.partial(step, r), f"fit: Adam ({stage})", enabled=cfg.cuda_graphs,
                      warm=(problem.model, (*key, r)))  # fmt: skip
         for r in (True, False)
     }

@@ -56,8 +56,12 @@ def _same(a, b, tol: float = 0.0) -> None:
 
 
 @pytest.mark.parametrize("solver", ["fast", "paper"])
-def test_fit_batch_equals_single_fits_on_the_cpu(head: FlameModel, solver: str) -> None:
-    """Each image of a batch gets its own fit's result (the images stop after different pass counts)."""
+def test_fit_batch_equals_single_fits_on_the_cpu(head: FlameModel, solver: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each image of a batch gets its own fit's result (the images stop after different pass
+    counts); the batched CPU solver (compact systems, per-image re-linearisation) runs too."""
+    from p3dmm.fitting.fitter import fit as fit_module
+
+    monkeypatch.setattr(fit_module, "_CPU_CHUNK", 8)
     obs = _observations(head)
     cfg = dataclasses.replace(CFG, solver=solver, paper_camera_steps=3, paper_steps=4)
     with warnings.catch_warnings():

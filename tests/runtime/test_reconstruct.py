@@ -158,12 +158,21 @@ def test_mask_from_uv_when_engines_have_no_mask(scene, tmp_path):
 
 
 # ------------------------------------------------------------------ batch and threads
-def test_batch_and_threads_give_the_serial_results(scene, rec):
+def test_batch_and_threads_give_the_serial_results(scene, rec, monkeypatch):
+    from p3dmm.runtime import reconstruct as mod
+
     img = scene["maps"].rgb
     serial = rec.reconstruct(img, box="full")
-    batch = rec.reconstruct_batch([img, img], boxes=["full", "full"])
-    for b in batch:
+    sizes = []
+    orig = mod.fit_batch
+    monkeypatch.setattr(mod, "fit_batch", lambda obs, *a, **k: sizes.append(len(obs)) or orig(obs, *a, **k))
+    batch = rec.reconstruct_batch([img, img, img], boxes=["full", "full", "full"])
+    assert sizes == [3]  # one batched fit for the batch
+    batch += rec.reconstruct_batch([img, img], boxes=["full", "full"], focal=900.0)  # a known focal: one batch too
+    assert sizes == [3, 2]
+    for b in batch[:3]:
         np.testing.assert_array_equal(b.vertices, serial.vertices)
+    np.testing.assert_allclose(float(batch[3].camera_image.focal), 900.0, rtol=1e-5)
     results: list = [None] * 4
 
     def work(i):
