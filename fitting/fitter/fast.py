@@ -395,12 +395,6 @@ def _incidence(problem: FitProblem) -> Any:
 STOP_REASONS = ("max_iterations", "tolerance", "no_decrease", "non_finite")
 
 
-def _select(cond: Any, a: FitState, b: FitState) -> FitState:
-    """``a`` where the 0-d bool ``cond`` holds, else ``b`` (no host read)."""
-    xp = get_array_module(a.shape)
-    return FitState(*(xp.where(cond, getattr(a, k), getattr(b, k)) for k in FitState.NAMES))
-
-
 def free_variables(problem: FitProblem) -> np.ndarray:
     """``(n,)`` host 1.0/0.0 per entry of :meth:`FitState.to_vector`: 0 for the camera values
     held fixed (a known focal length or principal point, :class:`FitConfig`)."""
@@ -573,7 +567,7 @@ def levenberg_marquardt(
             break
         relin[:] = [not d and f for d, f in zip(done, fresh)]
     for b, p in enumerate(problems):
-        p.record_rows(stage, c.hist[b, : max(iterations, 0)])
+        p.record_rows(stage, c.hist[b, :iterations])
     out = [template.from_vector(c.best_x[b]) for b in range(B)]
     return out, c.passes, c.code
 
@@ -607,7 +601,7 @@ def _lm_pass(
         floors = xp.maximum(1.0, cfg.fast_irls_floor_start * cfg.fast_irls_floor_decay ** (n_fresh - 1).astype(f64))
         floors = floors.astype(dt)  # a float64 array would promote the weights
         skip = c.done | ~c.fresh
-        rows, totals, Hs, gs, x0s = [], [], [], [], []
+        rows, totals, Hs, gs = [], [], [], []
         for b in idx:
             p = problems[b]
             st = template.from_vector(c.x[b])
@@ -623,7 +617,6 @@ def _lm_pass(
             totals.append(e.total.astype(f64))
             Hs.append(H * free[:, None] * free[None, :] + xp.diag(fixed))  # fixed values: identity block
             gs.append(g * free)
-            x0s.append(c.x[b])
         rows_s = xp.stack(rows)
         if len(idx) == B:  # the GPU path: whole-batch writes
             c.hist[:, c.k] = xp.concatenate([rows_s, skip.astype(f64)[:, None]], 1)
@@ -633,7 +626,7 @@ def _lm_pass(
         else:
             for j, b in enumerate(idx):
                 c.hist[b, c.k] = xp.concatenate([rows_s[j], skip[b : b + 1].astype(f64)])
-                c.H[b], c.g[b], c.x0[b] = Hs[j], gs[j], x0s[j]
+                c.H[b], c.g[b], c.x0[b] = Hs[j], gs[j], c.x[b]
                 c.e_total[b] = totals[j]
                 c.n_fresh[b] = n_fresh[b]
         c.dH[...] = xp.diagonal(c.H, axis1=1, axis2=2)

@@ -115,9 +115,8 @@ def fit_batch(
     config = config or FitConfig()
     xp = resolve_device(device)
     out: list[Any] = [None] * len(observations)
-    live: list[tuple[int, Any, Any, dict[str, float], float]] = []
+    live: list[tuple[int, Any, Any, dict[str, float]]] = []
     for i, obs in enumerate(observations):
-        t_start = time.perf_counter()
         try:
             problem, state, timings = prepare(obs, model, config, xp)
         except P3DMMError as e:
@@ -126,7 +125,7 @@ def fit_batch(
                 raise
             out[i] = e
             continue
-        live.append((i, problem, state, timings, t_start))
+        live.append((i, problem, state, timings))
     if not live:
         return out
     problems = [it[1] for it in live]
@@ -157,7 +156,7 @@ def fit_batch(
         states += st
         init_codes += [codes0[b] for b in range(len(part))]
     t_init, t_solve = t_init / B, t_solve / B
-    for b, (i, problem, _, timings, _t) in enumerate(live):
+    for b, (i, problem, _, timings) in enumerate(live):
         timings["init"] += t_init
         timings["solve"] = t_solve
         # "total": the image's own preparation and result plus its share of the batched solves
