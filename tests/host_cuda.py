@@ -25,6 +25,15 @@ from typing import Any
 import numpy as np
 from p3dmm.fitting.base import cuda as _cuda
 
+def _float_variants(prefix: str, kernels: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """The ``_f32`` and ``_f64`` kernels of templated sources: ``"T"`` in a signature is the float type."""
+    return {
+        f"{prefix}{name}_{suf}": tuple(dt if t == "T" else t for t in sig)
+        for suf, dt in (("f32", "float32"), ("f64", "float64"))
+        for name, sig in kernels.items()
+    }
+
+
 #: C parameter types of every kernel, in order: an array dtype name (a pointer to that
 #: element type), ``"i32"`` (an ``int`` passed by value, np.int32) or ``"f64"`` (a
 #: ``double`` by value, np.float64).
@@ -36,6 +45,29 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "resolve_pixels": ("uint64", "int32", "float64", "float64", "i32", "i32", "int32", "float32", "float32"),
     "uvnn_bin_pixels": ("float32", "uint8", "i32", "int32", "int64"),
     "uvnn_search": ("float32", "i32", "float32", "int32", "int32", "int32", "float32"),
+    # base/rotation.cu
+    **_float_variants("rot_", {
+        "rodrigues": ("T", "i32", "T"),
+        "rodrigues_vjp": ("T", "T", "i32", "T"),
+        "rodrigues_jvp": ("T", "T", "i32", "i32", "T"),
+        "axis_angle": ("T", "i32", "T"),
+    }),
+    # model/lbs.cu
+    **_float_variants("lbs_", {
+        "chain": ("T", "T", "int32", "i32", "T", "T", "T"),
+        "chain_vjp": ("T", "T", "int32", "T", "T", "T", "i32", "T", "T"),
+        "jacobian_chain": ("T", "T", "T", "T", "T", "int32", "i32", "i32", "i32", "T", "T", "T"),
+        "vertex_jacobian": ("int64", "i32", "i32", "i32", "i32", "T", "T", "T", "T", "T", "T", "T", "T", "T"),
+    }),
+    # fitter/irls.cu
+    **_float_variants("", {
+        "irls_normal_rows": ("T", "T", "uint8", "f64", "T", "f64", "T", "i32", "i32", "T"),
+        "irls_uv_rows": ("T", "T", "uint8", "f64", "T", "f64", "T", "i32", "i32", "T"),
+        "nrm_pixels": ("T", "int64", "int32", "T", "int64", "T", "uint8", "T", "f64", "i32",
+                       "T", "uint8", "T", "int64", "T"),  # fmt: skip
+        "nrm_pixels_grad": ("T", "int64", "int32", "T", "int64", "T", "uint8", "T", "f64", "i32", "f64", "T",
+                            "T", "uint8", "T", "int64", "T", "T", "T", "T"),  # fmt: skip
+    }),
 }
 
 _C_TYPES = {
@@ -97,6 +129,10 @@ extern "C" int launch_{name}(long long grid, long long block, unsigned seed, voi
   return 0;
 }}
 """
+
+#: Host builds by (compiler, source text), shared by every HostCuda of the process (a
+#: build takes a second or two; the emulated tests would otherwise repeat each one).
+_BUILT: dict[tuple[str, str], ctypes.CDLL] = {}
 
 _GUARD = 64  # bytes after each argument buffer that must stay untouched
 _GUARD_BYTE = 0xA5
@@ -180,7 +216,7 @@ class HostCuda:
         self.loads: list[tuple[str, Any, Any]] = []
 
     def build(self, source: str) -> ctypes.CDLL:
-        lib = self.libs.get(source)
+        lib = self.libs.get(source) or _BUILT.get((self.cxx, source))
         if lib is None:
             d = self.root / f"build{len(self.libs)}"
             d.mkdir(parents=True)
@@ -192,7 +228,8 @@ class HostCuda:
             cmd = [self.cxx, "-std=c++17", "-ffp-contract=off", "-O1", "-shared", "-fPIC", "-o", str(out), str(d / "main.cpp")]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
             assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr}"
-            lib = self.libs[source] = ctypes.CDLL(str(out))
+            lib = _BUILT[(self.cxx, source)] = ctypes.CDLL(str(out))
+        self.libs[source] = lib
         return lib
 
     def load_module(self, package: str, name: str, defines: Any = None, options: Any = None) -> HostModule:

@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 from importlib import resources
@@ -32,13 +33,24 @@ from typing import Any, Mapping, Sequence
 from .errors import InputError
 from .xp import cupy_or_raise
 
-__all__ = ["DEFAULT_OPTIONS", "KERNEL_PACKAGES", "define_preamble", "kernel_source", "load_module", "read_kernel_file"]
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "KERNEL_PACKAGES",
+    "define_preamble",
+    "fused_kernels",
+    "kernel_array",
+    "kernel_scalar",
+    "kernel_source",
+    "launch",
+    "load_module",
+    "read_kernel_file",
+]
 
 #: NVRTC options every module is compiled with unless the caller passes its own.
 DEFAULT_OPTIONS: tuple[str, ...] = ("--std=c++17",)
 
 #: The packages that ship ``.cu`` sources (the compile tests check every file in them).
-KERNEL_PACKAGES = ("p3dmm.fitting.render", "p3dmm.fitting.fitter")
+KERNEL_PACKAGES = ("p3dmm.fitting.base", "p3dmm.fitting.model", "p3dmm.fitting.render", "p3dmm.fitting.fitter")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -152,3 +164,66 @@ def load_module(
             module.compile()  # compile now, under the lock, so errors surface here
             _modules[key] = module
     return module
+
+
+def fused_kernels(xp: Any) -> bool:
+    """Whether the fused element-wise kernels run for array module ``xp``.
+
+    True on CuPy unless the environment sets ``P3DMM_FUSED_KERNELS=0`` (which runs the
+    same arithmetic as chains of CuPy operations instead: for A/B comparisons and for
+    bisecting a kernel bug). NumPy always runs the CPU twins.
+    """
+    import numpy as np
+
+    return xp is not np and os.environ.get("P3DMM_FUSED_KERNELS", "1") != "0"
+
+
+def launch(
+    package: str,
+    name: str,
+    function: str,
+    n_threads: int,
+    args: tuple[Any, ...],
+    defines: Mapping[str, Define] | None = None,
+    block: int = 128,
+) -> None:
+    """Run kernel ``function`` of ``<name>.cu`` on ``n_threads`` threads (1-D grid of ``block``).
+
+    Nothing runs for ``n_threads <= 0``. ``args`` are passed as CuPy passes them (arrays
+    as pointers: their dtypes must match the C signature; scalars as NumPy scalars).
+    """
+    if n_threads <= 0:
+        return
+    mod = load_module(package, name, defines)
+    mod.get_function(function)(((n_threads + block - 1) // block,), (block,), args)
+
+
+def kernel_array(xp: Any, a: Any, dtype: Any) -> Any:
+    """``a`` as a C-contiguous array of ``dtype`` for a kernel's pointer argument.
+
+    ``a`` itself when it already is one (no copy and no launch: on CuPy an
+    ``ascontiguousarray`` that changes nothing is free, but it is still an operation in
+    the op counts of the tests' emulation), else ``xp.ascontiguousarray(a, dtype=dtype)``.
+    """
+    if a.dtype == dtype and a.flags.c_contiguous:
+        return a
+    return xp.ascontiguousarray(a, dtype=dtype)
+
+
+def kernel_scalar(xp: Any, x: Any, dtype: Any) -> Any:
+    """A 0-d device array of ``dtype`` holding ``x``, for a kernel's pointer argument, or None.
+
+    ``x`` itself when it already is one (the usual case on the GPU path, where such
+    scalars are never read on the host). A Python number is filled on the device
+    (``xp.full``: a fill kernel, not a host-to-device copy, so it is also allowed in a
+    CUDA-graph capture). None for anything else (an array of another dtype or shape, a
+    NumPy scalar): there the op chain's type promotion may differ from the kernel's
+    arithmetic in ``dtype``, so the caller runs the chain instead.
+    """
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return xp.full((), x, dtype=dtype)
+    if isinstance(x, xp.ndarray) and x.dtype == dtype and x.ndim == 0:
+        return x
+    return None

@@ -4,12 +4,18 @@ Small angles use a Taylor series, which is exact to float64 round-off and has a
 well-defined derivative at zero (smplx instead adds 1e-8 to the rotation vector; the
 two differ by < 1e-7 in any rotation entry). Every function works on NumPy or CuPy
 (``xp = get_array_module(x)``) and never reads a device array on the host.
+
+On CuPy each function is one fused kernel (``rotation.cu``, :func:`~.cuda.fused_kernels`)
+instead of a chain of 40-80 element-wise launches; the NumPy code here is its CPU twin.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from . import cuda
 from .xp import get_array_module
 
 __all__ = ["rodrigues", "rodrigues_jvp", "rodrigues_vjp", "rotation_to_axis_angle", "skew"]
@@ -38,6 +44,17 @@ def _rodrigues_coeffs(theta: Any, xp: Any) -> tuple[Any, Any, Any, Any]:
     return a, b, c, d
 
 
+def _fused(xp: Any, kernel: str, n_threads: int, arrays: tuple[Any, ...], ints: tuple[int, ...], out_shape: tuple[int, ...]) -> Any:
+    """Run ``rot_<kernel>`` of ``rotation.cu`` on ``arrays`` (cast to one float type); returns its output."""
+    f32 = all(a.dtype == xp.float32 for a in arrays)
+    dt = xp.float32 if f32 else xp.float64
+    args = [xp.ascontiguousarray(a, dtype=dt) for a in arrays]
+    out = xp.empty(out_shape, dtype=dt)
+    tail = tuple(np.int32(v) for v in ints)
+    cuda.launch("p3dmm.fitting.base", "rotation", f"rot_{kernel}_{'f32' if f32 else 'f64'}", n_threads, (*args, *tail, out))
+    return out
+
+
 def skew(r: Any) -> Any:
     """``(N, 3)`` -> ``(N, 3, 3)`` cross-product matrices, ``skew(r) @ x = r x x``."""
     xp = get_array_module(r)
@@ -59,6 +76,9 @@ def rodrigues(rvec: Any) -> Any:
         ``(N, 3, 3)`` rotation matrices in the dtype of ``rvec``.
     """
     xp = get_array_module(rvec)
+    if cuda.fused_kernels(xp):
+        n = rvec.shape[0]
+        return _fused(xp, "rodrigues", n, (rvec,), (n,), (n, 3, 3)).astype(rvec.dtype, copy=False)
     r = rvec.astype(xp.float64)
     theta = xp.sqrt((r * r).sum(-1))
     a, b, _, _ = _rodrigues_coeffs(theta, xp)
@@ -83,6 +103,9 @@ def rodrigues_vjp(rvec: Any, grad_R: Any) -> Any:
         ``(N, 3)`` dL/drvec in the dtype of ``rvec``.
     """
     xp = get_array_module(rvec)
+    if cuda.fused_kernels(xp):
+        n = rvec.shape[0]
+        return _fused(xp, "rodrigues_vjp", n, (rvec, grad_R), (n,), (n, 3)).astype(rvec.dtype, copy=False)
     r = rvec.astype(xp.float64)
     G = grad_R.astype(xp.float64)
     theta = xp.sqrt((r * r).sum(-1))
@@ -113,6 +136,10 @@ def rodrigues_jvp(rvec: Any, direction: Any) -> Any:
         ``(D, N, 3, 3)``: ``dR = c (r.d) K + a [d]x + d_ (r.d) K^2 + b ([d]x K + K [d]x)``.
     """
     xp = get_array_module(rvec)
+    if cuda.fused_kernels(xp):
+        D, n = direction.shape[0], rvec.shape[0]
+        out = _fused(xp, "rodrigues_jvp", D * n, (rvec, direction), (n, D), (D, n, 3, 3))
+        return out.astype(rvec.dtype, copy=False)
     r = rvec.astype(xp.float64)
     dirs = direction.astype(xp.float64)
     theta = xp.sqrt((r * r).sum(-1))
@@ -130,37 +157,44 @@ def rodrigues_jvp(rvec: Any, direction: Any) -> Any:
     return out.astype(rvec.dtype)
 
 
-_JS_CACHE: "dict[int, tuple[Any, Any]]" = {}
-
-
-
 def rotation_to_axis_angle(R: Any) -> Any:
-    """Inverse of :func:`rodrigues` for one rotation: ``(3, 3)`` -> ``(3,)`` axis-angle.
+    """Inverse of :func:`rodrigues`: ``(..., 3, 3)`` rotations -> ``(..., 3)`` axis-angle.
 
     Through the unit quaternion (Shepperd's choice of the largest of w, x, y, z, made
     with array selects so that CuPy input is never read on the host); the angle is in
     [0, pi].
     """
     xp = get_array_module(R)
+    lead = tuple(R.shape[:-2])
+    if cuda.fused_kernels(xp):
+        n = int(np.prod(lead, dtype=np.int64))
+        out = _fused(xp, "axis_angle", n, (R.reshape(n, 3, 3),), (n,), (n, 3))
+        return out.reshape(*lead, 3).astype(R.dtype, copy=False)
     r = R.astype(xp.float64)
-    t = r[0, 0] + r[1, 1] + r[2, 2]
-    d = xp.stack([t, r[0, 0], r[1, 1], r[2, 2]])
+    r00, r01, r02 = r[..., 0, 0], r[..., 0, 1], r[..., 0, 2]
+    r10, r11, r12 = r[..., 1, 0], r[..., 1, 1], r[..., 1, 2]
+    r20, r21, r22 = r[..., 2, 0], r[..., 2, 1], r[..., 2, 2]
+    t = r00 + r11 + r22
+    d = xp.stack([t, r00, r11, r22], -1)
     # candidate quaternions (w, x, y, z), one per largest component
     s0 = xp.sqrt(xp.maximum(1.0 + t, 1e-12)) * 2.0
-    s1 = xp.sqrt(xp.maximum(1.0 + r[0, 0] - r[1, 1] - r[2, 2], 1e-12)) * 2.0
-    s2 = xp.sqrt(xp.maximum(1.0 - r[0, 0] + r[1, 1] - r[2, 2], 1e-12)) * 2.0
-    s3 = xp.sqrt(xp.maximum(1.0 - r[0, 0] - r[1, 1] + r[2, 2], 1e-12)) * 2.0
-    q = xp.stack(
+    s1 = xp.sqrt(xp.maximum(1.0 + r00 - r11 - r22, 1e-12)) * 2.0
+    s2 = xp.sqrt(xp.maximum(1.0 - r00 + r11 - r22, 1e-12)) * 2.0
+    s3 = xp.sqrt(xp.maximum(1.0 - r00 - r11 + r22, 1e-12)) * 2.0
+    cands = xp.stack(
         [
-            xp.stack([0.25 * s0, (r[2, 1] - r[1, 2]) / s0, (r[0, 2] - r[2, 0]) / s0, (r[1, 0] - r[0, 1]) / s0]),
-            xp.stack([(r[2, 1] - r[1, 2]) / s1, 0.25 * s1, (r[0, 1] + r[1, 0]) / s1, (r[0, 2] + r[2, 0]) / s1]),
-            xp.stack([(r[0, 2] - r[2, 0]) / s2, (r[0, 1] + r[1, 0]) / s2, 0.25 * s2, (r[1, 2] + r[2, 1]) / s2]),
-            xp.stack([(r[1, 0] - r[0, 1]) / s3, (r[0, 2] + r[2, 0]) / s3, (r[1, 2] + r[2, 1]) / s3, 0.25 * s3]),
-        ]
-    )[xp.argmax(d)]
-    q = q * xp.where(q[0] < 0, -1.0, 1.0)  # w >= 0: angle in [0, pi]
-    v = q[1:]
-    n = xp.sqrt((v * v).sum())
-    angle = 2.0 * xp.arctan2(n, q[0])
-    scale = xp.where(n > 1e-12, angle / xp.maximum(n, 1e-300), 2.0 / xp.maximum(q[0], 1e-300))
+            xp.stack([0.25 * s0, (r21 - r12) / s0, (r02 - r20) / s0, (r10 - r01) / s0], -1),
+            xp.stack([(r21 - r12) / s1, 0.25 * s1, (r01 + r10) / s1, (r02 + r20) / s1], -1),
+            xp.stack([(r02 - r20) / s2, (r01 + r10) / s2, 0.25 * s2, (r12 + r21) / s2], -1),
+            xp.stack([(r10 - r01) / s3, (r02 + r20) / s3, (r12 + r21) / s3, 0.25 * s3], -1),
+        ],
+        -2,
+    )  # (..., 4 candidates, 4)
+    q = xp.take_along_axis(cands, xp.argmax(d, -1)[..., None, None], axis=-2)[..., 0, :]
+    q = q * xp.where(q[..., :1] < 0, -1.0, 1.0)  # w >= 0: angle in [0, pi]
+    v = q[..., 1:]
+    n_v = xp.sqrt((v * v).sum(-1, keepdims=True))
+    w = q[..., :1]
+    angle = 2.0 * xp.arctan2(n_v, w)
+    scale = xp.where(n_v > 1e-12, angle / xp.maximum(n_v, 1e-300), 2.0 / xp.maximum(w, 1e-300))
     return (v * scale).astype(R.dtype)

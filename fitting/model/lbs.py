@@ -19,6 +19,10 @@ The functions take a :class:`~p3dmm.fitting.model.arrays.FlameArrays` (the array
 model file) and :class:`~p3dmm.fitting.model.params.FlameParams`; the model object users
 hold, :class:`~p3dmm.fitting.model.flame_model.FlameModel`, calls them.
 
+On CuPy the kinematic chain, its VJP and the vertex Jacobian's assembly are fused
+kernels (``lbs.cu``, :func:`~p3dmm.fitting.base.cuda.fused_kernels`); the NumPy code
+here is their CPU twin.
+
 The backward functions are vector-Jacobian products: given dL/dv they return dL/d
 (shape, expr, pose, transl) without forming Jacobians. Cost is one transposed basis
 product (15069 x 400) plus O(V) work.
@@ -31,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from ..base import cuda
 from ..base.errors import InputError
 from ..base.rotation import rodrigues, rodrigues_jvp, rodrigues_vjp
-from ..base.xp import get_array_module, to_numpy
+from ..base.xp import constant, get_array_module, to_numpy
 from .arrays import FlameArrays
 from .params import FLAME_PARENTS, FlameParams
 
@@ -84,6 +89,21 @@ def regress_joints(J_regressor: Any, vertices: Any) -> Any:
 
 
 # -------------------------------------------------------------- kinematic chain
+_MAX_JOINTS = 16  # LBS_MAX_JOINTS of lbs.cu
+
+
+def _kernel_args(xp: Any, *arrays: Any) -> tuple[Any, str]:
+    """``arrays`` as C-contiguous arrays of one float type, and that type's kernel suffix."""
+    dt = arrays[0].dtype
+    if any(a.dtype != dt for a in arrays) or dt not in (np.float32, np.float64):
+        dt = np.dtype(np.float64)
+    return tuple(xp.ascontiguousarray(a, dtype=dt) for a in arrays), ("f32" if dt == np.float32 else "f64")
+
+
+def _fuse_chain(xp: Any, parents: np.ndarray) -> bool:
+    return cuda.fused_kernels(xp) and parents.shape[0] <= _MAX_JOINTS
+
+
 def rigid_transforms(R: Any, J: Any, parents: np.ndarray) -> tuple[Any, Any, Any]:
     """World transforms of the joints and the skinning transforms.
 
@@ -99,6 +119,12 @@ def rigid_transforms(R: Any, J: Any, parents: np.ndarray) -> tuple[Any, Any, Any
     """
     xp = get_array_module(R)
     n = R.shape[0]
+    if _fuse_chain(xp, parents):
+        (Rc, Jc), suf = _kernel_args(xp, R, J)
+        GRk, Gtk, Atk = xp.empty((n, 3, 3), Rc.dtype), xp.empty((n, 3), Rc.dtype), xp.empty((n, 3), Rc.dtype)
+        pa = constant(xp, parents, np.int32)
+        cuda.launch("p3dmm.fitting.model", "lbs", f"lbs_chain_{suf}", 1, (Rc, Jc, pa, np.int32(n), GRk, Gtk, Atk))
+        return GRk, Gtk, Atk
     GR = [None] * n
     Gt = [None] * n
     GR[0], Gt[0] = R[0], J[0]
@@ -130,6 +156,13 @@ def rigid_transforms_vjp(
     """
     xp = get_array_module(R)
     n = R.shape[0]
+    if grad_Gt is None and _fuse_chain(xp, parents):
+        (Rc, Jc, GRc, gARc, gAtc), suf = _kernel_args(xp, R, J, GR, grad_AR, grad_At)
+        gR_k, gJ_k = xp.empty((n, 3, 3), Rc.dtype), xp.empty((n, 3), Rc.dtype)
+        pa = constant(xp, parents, np.int32)
+        args = (Rc, Jc, pa, GRc, gARc, gAtc, np.int32(n), gR_k, gJ_k)
+        cuda.launch("p3dmm.fitting.model", "lbs", f"lbs_chain_vjp_{suf}", 1, args)
+        return gR_k, gJ_k
     # A_t = Gt - GR J  ->  dGt += gAt ; dGR += gAR - gAt J^T ; dJ -= GR^T gAt
     gGt = [grad_At[j] + (grad_Gt[j] if grad_Gt is not None else 0.0) for j in range(n)]
     gGR = [grad_AR[j] - xp.outer(grad_At[j], J[j]) for j in range(n)]
@@ -384,6 +417,8 @@ def flame_jacobian(model: FlameArrays, cache: ForwardCache, vertex_ids: Any = No
 
     # --- blend-shape coefficients: rotations fixed, joints move (dJ = Jr S)
     dJ = _joint_shape_basis(model)  # (n, 3, K)
+    if _fuse_chain(xp, parents):
+        return _flame_jacobian_fused(model, cache, vertex_ids, dJ)
     dGt = [dJ[0]] + [None] * (n - 1)
     for i in range(1, n):
         p = int(parents[i])
@@ -415,3 +450,31 @@ def flame_jacobian(model: FlameArrays, cache: ForwardCache, vertex_ids: Any = No
     # dv[v, i, d] = sum_l dTR[v, d, i, l] vp[v, l] + dTt[v, d, i] + sum_l TR[v, i, l] dvp[v, l, d]
     Jp = (dTR @ vp[:, None, :, None])[..., 0].transpose(0, 2, 1) + dTt.transpose(0, 2, 1) + TR @ dvp
     return xp.concatenate([Jc, Jp], axis=2).astype(dt)
+
+
+def _flame_jacobian_fused(model: FlameArrays, cache: ForwardCache, vertex_ids: Any, dJ: Any) -> Any:
+    """:func:`flame_jacobian` on CuPy in five launches (``lbs.cu``): the Rodrigues JVP, the
+    chain over the joints for every column, the pose correctives' product (cuBLAS) and
+    the rows' assembly, written straight into the result."""
+    xp = get_array_module(model.v_template)
+    n, K = model.parents.shape[0], dJ.shape[-1]
+    D = 3 * n
+    V = model.n_vertices
+    eye = constant(xp, np.eye(D).reshape(D, n, 3), model.v_template.dtype)
+    dR = rodrigues_jvp(cache.pose, eye)  # (D, n, 3, 3)
+    (R, J, GR, dJc, dRc), suf = _kernel_args(xp, cache.R, cache.J, cache.GR, dJ, dR)
+    dt = R.dtype
+    dAt, dGR, dAtp = xp.empty((n, 3, K), dt), xp.empty((D, n, 3, 3), dt), xp.empty((D, n, 3), dt)
+    pa = constant(xp, model.parents, np.int32)
+    args = (R, J, GR, dJc, dRc, pa, np.int32(n), np.int32(K), np.int32(D), dAt, dGR, dAtp)
+    cuda.launch("p3dmm.fitting.model", "lbs", f"lbs_jacobian_chain_{suf}", K + D, args)
+    dpf = dRc[:, 1:].reshape(D, 9 * (n - 1))  # pose-feature derivative
+    dvp = (model.posedirs.reshape(V * 3, -1) @ dpf.T).reshape(V, 3, D)
+    vids = constant(xp, np.arange(V), np.int64) if vertex_ids is None else vertex_ids.astype(xp.int64, copy=False)
+    M = vids.shape[0]
+    (W, TR, vp, S, dvp), _ = _kernel_args(xp, model.lbs_weights, cache.TR, cache.v_posed, model.shapedirs, dvp.astype(dt))
+    out = xp.empty((M, 3, K + D), dt)
+    args = (xp.ascontiguousarray(vids), np.int32(M), np.int32(n), np.int32(K), np.int32(D),
+            W, TR, vp, S, dAt, dGR, dAtp, dvp, out)  # fmt: skip
+    cuda.launch("p3dmm.fitting.model", "lbs", f"lbs_vertex_jacobian_{suf}", M * 3 * (K + D), args)
+    return out.astype(model.v_template.dtype, copy=False)
