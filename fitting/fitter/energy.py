@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from ..base import cuda
 from ..base.camera import FLAME_TO_OPENCV
 from ..base.geometry import (
     normalize_vjp,
@@ -242,13 +243,91 @@ class NormalResiduals:
 def normal_residuals(
     verts: Any, faces: Any, frame: Frame, normals: NormalTargets, pix: Any, R_out: Any, weights: EnergyWeights
 ) -> NormalResiduals:
-    """The normal term's residuals (:class:`NormalResiduals`) at flat render pixels ``pix``."""
+    """The normal term's residuals (:class:`NormalResiduals`) at flat render pixels ``pix``.
+
+    On CuPy one fused kernel (``irls.cu``: ``nrm_pixels``) computes all but the vertex
+    normal sums; the NumPy code is its twin.
+    """
     xp = get_array_module(verts)
+    fused = _normal_pixels_fused(verts, faces, frame, normals, pix, R_out, weights, grad=False)
+    if fused is not None:
+        return fused.nr
     cover = ((frame.face_id >= 0) & normals.mask).reshape(-1)[pix]
     n_out, u, vsums, corners = rendered_normals(verts, faces, frame.face_id, frame.bary, pix, R_out)
     d = normals.normals.reshape(-1, 3)[pix] - n_out
     keep = cover & (xp.abs(d).mean(-1) < weights.normal_outlier)
     return NormalResiduals(d=d, keep=keep, u=u, vertex_sums=vsums, corners=corners)
+
+
+@dataclass
+class _NormalPixels:
+    """What the fused normal-pixel kernel gives besides :class:`NormalResiduals` (per pixel)."""
+
+    nr: NormalResiduals
+    explained: Any  # (P,) sum_c |d_pc| where kept, else 0
+    n_world: Any = None  # (P, 3) unit interpolated world normals (grad only)
+    g_nout: Any = None  # (P, 3) dE/dn_out (grad only)
+    contrib: Any = None  # (P, 3, 3) dE/d(vertex normal) of each pixel's corners (grad only)
+
+
+def _normal_pixels_fused(
+    verts: Any,
+    faces: Any,
+    frame: Frame,
+    normals: NormalTargets,
+    pix: Any,
+    R_out: Any,
+    weights: EnergyWeights,
+    grad: bool,
+) -> _NormalPixels | None:
+    """:func:`normal_residuals` (and with ``grad`` the per-pixel chain of the normal term's
+    gradient in :func:`evaluate_energy`) as one ``irls.cu`` launch, or None where the
+    NumPy/CuPy code runs instead: on NumPy, with ``P3DMM_FUSED_KERNELS=0``, and for mixed
+    float types (whose promotions the kernel, which computes in one type, would not follow).
+    """
+    xp = get_array_module(verts)
+    dt = verts.dtype
+    if not cuda.fused_kernels(xp) or dt not in (np.float32, np.float64):
+        return None
+    if any(a.dtype != dt for a in (frame.bary, normals.normals, R_out)):
+        return None
+    P = int(pix.shape[0])
+    if P >= 2**31:
+        return None
+    n_pixels = cuda.kernel_scalar(xp, normals.n_pixels, dt) if grad else None
+    if grad and n_pixels is None:
+        return None
+    m = vertex_normal_sums(verts, faces)
+    d = xp.empty((P, 3), dtype=dt)
+    keep = xp.empty(P, dtype=bool)
+    u = xp.empty((P, 3), dtype=dt)
+    corners = xp.empty((P, 3), dtype=xp.int64)
+    explained = xp.empty(P, dtype=dt)
+    args = (
+        cuda.kernel_array(xp, m, dt),
+        cuda.kernel_array(xp, faces, xp.int64),
+        cuda.kernel_array(xp, frame.face_id.reshape(-1), xp.int32),
+        cuda.kernel_array(xp, frame.bary.reshape(-1, 3), dt),
+        cuda.kernel_array(xp, pix, xp.int64),
+        cuda.kernel_array(xp, normals.normals.reshape(-1, 3), dt),
+        cuda.kernel_array(xp, normals.mask.reshape(-1), xp.bool_).view(xp.uint8),
+        cuda.kernel_array(xp, R_out, dt),
+        np.float64(weights.normal_outlier),
+        np.int32(P),
+    )
+    suffix = "f32" if dt == np.float32 else "f64"
+    nr = NormalResiduals(d=d, keep=keep, u=u, vertex_sums=m, corners=corners)
+    if not grad:
+        outs = (d, keep.view(xp.uint8), u, corners, explained)
+        cuda.launch("p3dmm.fitting.fitter", "irls", f"nrm_pixels_{suffix}", P, (*args, *outs))
+        return _NormalPixels(nr=nr, explained=explained)
+    n_world = xp.empty((P, 3), dtype=dt)
+    g_nout = xp.empty((P, 3), dtype=dt)
+    contrib = xp.empty((P, 3, 3), dtype=dt)
+    grad_args = (np.float64(weights.normal), n_pixels)
+    grad_outs = (d, keep.view(xp.uint8), u, corners, explained, n_world, g_nout, contrib)
+    cuda.launch("p3dmm.fitting.fitter", "irls", f"nrm_pixels_grad_{suffix}", P, (*args, *grad_args, *grad_outs))
+    return _NormalPixels(nr=nr, explained=explained, n_world=n_world, g_nout=g_nout, contrib=contrib)
 
 
 # ---------------------------------------------------------------------- regulariser
@@ -354,24 +433,32 @@ def evaluate_energy(
         else:
             pix = xp.nonzero(((frame.face_id >= 0) & normals.mask).reshape(-1))[0]
         R_out = output_rotation(state, normals.space)
-        nr = normal_residuals(verts, model.faces, frame, normals, pix, R_out, weights)
+        # on CuPy one kernel gives the residuals and the per-pixel gradient chain below
+        fused = _normal_pixels_fused(verts, model.faces, frame, normals, pix, R_out, weights, grad=with_grad)
+        if fused is not None:
+            nr = fused.nr
+        else:
+            nr = normal_residuals(verts, model.faces, frame, normals, pix, R_out, weights)
         n_n = nr.keep.sum()
         # mask pixels that are not covered or fail the outlier cut pay the cap
-        explained = (xp.abs(nr.d).sum(-1) * nr.keep).sum()
+        explained = fused.explained.sum() if fused is not None else (xp.abs(nr.d).sum(-1) * nr.keep).sum()
         e_n = weights.normal * (explained + weights.normal_cap * (normals.n_mask - n_n.astype(dt))) / normals.n_pixels
         if with_grad:
-            g_nout = -(weights.normal / normals.n_pixels) * xp.sign(nr.d) * nr.keep[:, None]
-            u = nr.u
-            n_world = u / xp.maximum(xp.sqrt((u * u).sum(-1, keepdims=True)), 1e-12)
+            if fused is not None:
+                g_nout, n_world, contrib = fused.g_nout, fused.n_world, fused.contrib.reshape(-1, 3)
+            else:
+                g_nout = -(weights.normal / normals.n_pixels) * xp.sign(nr.d) * nr.keep[:, None]
+                u = nr.u
+                n_world = u / xp.maximum(xp.sqrt((u * u).sum(-1, keepdims=True)), 1e-12)
+                g_n = g_nout @ R_out  # dE/dn_world
+                g_u = normalize_vjp(u, g_n)
+                b = frame.bary.reshape(-1, 3)[pix]
+                # vn[corners[p, k]] receives b[p, k] * g_u[p]
+                contrib = (b[:, :, None] * g_u[:, None, :]).reshape(-1, 3)
             if normals.space == "head":
                 # n_out = Rg^T n  ->  dE/dRg[j, i] = sum_p n[p, j] g[p, i]
                 g_Rg = n_world.T @ g_nout
                 g_pose_extra[0] = rodrigues_vjp(state.pose[:1], g_Rg[None])[0]
-            g_n = g_nout @ R_out  # dE/dn_world
-            g_u = normalize_vjp(u, g_n)
-            b = frame.bary.reshape(-1, 3)[pix]
-            # vn[corners[p, k]] receives b[p, k] * g_u[p]
-            contrib = (b[:, :, None] * g_u[:, None, :]).reshape(-1, 3)
             g_vn = scatter_add_rows(nr.corners.reshape(-1), contrib, verts.shape[0])
             g_verts = g_verts + vertex_normals_vjp(verts, model.faces, g_vn, nr.vertex_sums)
 

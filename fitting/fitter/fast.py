@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from ..base import cuda
 from ..base.camera import FLAME_TO_OPENCV
 from ..base.rotation import rodrigues_jvp, skew
 from ..base.graph import StepGraph
@@ -188,7 +189,7 @@ def normal_equations(
             Jn = normal_jacobian_dense(
                 problem, verts, jac, frame, pix, nr.corners, nr.u, nr.vertex_sums, R_out, state, normals.space
             )
-            _add_normal_rows(H, Jn, nr.d, nr.keep[:, None], w.normal / normals.n_pixels, eps_scale, nf)
+            _add_normal_rows(H, Jn, nr.d, nr.keep[:, None], w.normal, normals.n_pixels, eps_scale, nf)
         else:
             pix = xp.nonzero(((frame.face_id >= 0) & normals.mask).reshape(-1))[0]
             if pix.size:
@@ -198,7 +199,7 @@ def normal_equations(
                     Jn = normal_jacobian(
                         problem, verts, jac, frame, pix[kp], nr.corners[kp], nr.u[kp], R_out, state, normals.space, ids
                     )
-                    _add_normal_rows(H, Jn, nr.d[kp], 1.0, w.normal / normals.n_pixels, eps_scale, nf)
+                    _add_normal_rows(H, Jn, nr.d[kp], 1.0, w.normal, normals.n_pixels, eps_scale, nf)
 
     # ---------------------------------------------------------------- UV rows
     if dense or idx.size:
@@ -211,11 +212,13 @@ def normal_equations(
         J_f = ((camera.project_camera(Xa) - state.pp) / S)[:, :, None]  # (A, 2, 1): d proj / d log f
         J_pp = xp.broadcast_to(xp.eye(2, dtype=dt) / S, (idx.shape[0], 2, 2))
         J = xp.concatenate([J_flame, J_t, J_f, J_pp], 2).reshape(-1, n)
-        wt = (w.uv / uv.normaliser) / xp.maximum(res.rho[idx], _EPS_UV * eps_scale)
-        if dense:
-            wt = wt * active  # inactive rows (and Z <= 0, where J is not finite) weigh nothing
-            J = xp.where(xp.repeat(active, 2)[:, None], J, 0.0)
-        Jw = J * xp.repeat(xp.sqrt(wt), 2)[:, None]
+        Jw = _uv_rows_fused(J, res.rho, active, w.uv, uv.n_targets, eps_scale) if dense else None
+        if Jw is None:
+            wt = (w.uv / uv.normaliser) / xp.maximum(res.rho[idx], _EPS_UV * eps_scale)
+            if dense:
+                wt = wt * active  # inactive rows (and Z <= 0, where J is not finite) weigh nothing
+                J = xp.where(xp.repeat(active, 2)[:, None], J, 0.0)
+            Jw = J * xp.repeat(xp.sqrt(wt), 2)[:, None]
         H += (Jw.T @ Jw).astype(xp.float64)
 
     # ------------------------------------------------------------ regulariser
@@ -225,15 +228,88 @@ def normal_equations(
     return H, energy.grad.to_vector().astype(xp.float64)
 
 
-def _add_normal_rows(H: Any, Jn: Any, d: Any, keep: Any, scale: Any, eps_scale: Any, nf: int) -> None:
-    """``H[:nf, :nf] += Jn^T W Jn`` with IRLS weights ``W = keep * scale / max(|d|, eps)``.
+def _add_normal_rows(
+    H: Any, Jn: Any, d: Any, keep: Any, w_normal: float, n_pixels: Any, eps_scale: Any, nf: int
+) -> None:
+    """``H[:nf, :nf] += Jn^T W Jn`` with IRLS weights ``W = keep * (w_normal / n_pixels) / max(|d|, eps)``.
 
     Computed as ``(sqrt(W) Jn)^T (sqrt(W) Jn)``: NumPy then uses a symmetric rank-k update.
+    On CuPy ``sqrt(W) Jn`` is one fused kernel (``irls.cu``: ``irls_normal_rows``), whose
+    twin is the NumPy code here.
     """
     xp = get_array_module(Jn)
-    wt = keep * scale / xp.maximum(xp.abs(d), _EPS_N * eps_scale)  # (P, 3)
-    Jw = Jn.reshape(-1, nf) * xp.sqrt(wt).reshape(-1)[:, None]
+    Jw = _normal_rows_fused(Jn, d, keep, w_normal, n_pixels, eps_scale, nf)
+    if Jw is None:
+        wt = keep * (w_normal / n_pixels) / xp.maximum(xp.abs(d), _EPS_N * eps_scale)  # (P, 3)
+        Jw = Jn.reshape(-1, nf) * xp.sqrt(wt).reshape(-1)[:, None]
     H[:nf, :nf] += (Jw.T @ Jw).astype(xp.float64)
+
+
+def _normal_rows_fused(Jn: Any, d: Any, keep: Any, w_normal: float, n_pixels: Any, eps_scale: Any, nf: int) -> Any:
+    """``sqrt(W) Jn`` of :func:`_add_normal_rows` as ``(3 P, nf)``, one ``irls.cu`` launch; None
+    where the NumPy/CuPy code runs instead (NumPy, ``P3DMM_FUSED_KERNELS=0``, mixed float
+    types, a ``keep`` that is not a per-pixel bool array)."""
+    xp = get_array_module(Jn)
+    dt = Jn.dtype
+    if not cuda.fused_kernels(xp) or dt not in (np.float32, np.float64) or d.dtype != dt:
+        return None
+    P = int(d.shape[0])
+    rows = 3 * P
+    if not isinstance(keep, xp.ndarray) or keep.dtype != xp.bool_ or keep.size != P or rows >= 2**31:
+        return None
+    n_pix = cuda.kernel_scalar(xp, n_pixels, dt)
+    eps = cuda.kernel_scalar(xp, eps_scale, dt)
+    if n_pix is None or eps is None:
+        return None
+    Jw = xp.empty((rows, nf), dtype=dt)
+    args = (
+        cuda.kernel_array(xp, Jn.reshape(rows, nf), dt),
+        cuda.kernel_array(xp, d, dt),
+        cuda.kernel_array(xp, keep.reshape(-1), xp.bool_).view(xp.uint8),
+        np.float64(w_normal),
+        n_pix,
+        np.float64(_EPS_N),
+        eps,
+        np.int32(rows),
+        np.int32(nf),
+        Jw,
+    )
+    suffix = "f32" if dt == np.float32 else "f64"
+    cuda.launch("p3dmm.fitting.fitter", "irls", f"irls_normal_rows_{suffix}", rows * nf, args)
+    return Jw
+
+
+def _uv_rows_fused(J: Any, rho: Any, active: Any, w_uv: float, n_targets: Any, eps_scale: Any) -> Any:
+    """The dense UV rows of :func:`normal_equations`, ``where(active, J, 0) * sqrt(W)`` with
+    ``W = active * (w_uv / max(n_targets, 1)) / max(rho, eps)`` per target (two rows each),
+    as one ``irls.cu`` launch (``irls_uv_rows``); None where the NumPy/CuPy code runs instead."""
+    xp = get_array_module(J)
+    dt = J.dtype
+    if not cuda.fused_kernels(xp) or dt not in (np.float32, np.float64) or rho.dtype != dt:
+        return None
+    rows, n = (int(s) for s in J.shape)
+    if rows != 2 * int(rho.shape[0]) or rows >= 2**31:
+        return None
+    n_t = cuda.kernel_scalar(xp, n_targets, dt)
+    eps = cuda.kernel_scalar(xp, eps_scale, dt)
+    if n_t is None or eps is None:
+        return None
+    Jw = xp.empty((rows, n), dtype=dt)
+    args = (
+        cuda.kernel_array(xp, J, dt),
+        cuda.kernel_array(xp, rho, dt),
+        cuda.kernel_array(xp, active, xp.bool_).view(xp.uint8),
+        np.float64(w_uv),
+        n_t,
+        np.float64(_EPS_UV),
+        eps,
+        np.int32(rows),
+        np.int32(n),
+        Jw,
+    )
+    suffix = "f32" if dt == np.float32 else "f64"
+    cuda.launch("p3dmm.fitting.fitter", "irls", f"irls_uv_rows_{suffix}", rows * n, args)
+    return Jw
 
 
 def _face_normal_jacobian(verts: Any, faces: Any, Jc: Any) -> Any:

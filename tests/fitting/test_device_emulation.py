@@ -151,8 +151,10 @@ def test_fit_on_emulated_device_matches_cpu_without_host_reads(
     suf = "f64" if dtype == "float64" else "f32"
     fused = {f"rot_rodrigues_{suf}", f"rot_rodrigues_vjp_{suf}", "rot_axis_angle_f64", f"lbs_chain_{suf}",
              f"lbs_chain_vjp_{suf}"}  # fmt: skip
+    fused.add(f"nrm_pixels_grad_{suf}")  # the normal term's residuals and gradient chain
     if solver == "fast":
         fused |= {f"rot_rodrigues_jvp_{suf}", f"lbs_jacobian_chain_{suf}", f"lbs_vertex_jacobian_{suf}"}
+        fused |= {f"nrm_pixels_{suf}", f"irls_normal_rows_{suf}", f"irls_uv_rows_{suf}"}  # IRLS rows
     assert {"project_vertices", "raster_faces", "resolve_pixels", "uvnn_bin_pixels", "uvnn_search"} | fused <= set(
         rec.host.launches
     )
