@@ -9,7 +9,11 @@ times the host would wait for the device (implicit synchronisations, blocking co
 On a GPU, small fits like this are bound by launch overhead, so the operation count is
 the figure to drive down; this script measures counts, not time (there is no GPU here).
 
-    python benchmarks/bench_device_ops.py [--size 256] [--render 128]
+Eager rows run the solver steps without CUDA graphs, once with the fused kernels
+(``base/rotation.cu``, ``model/lbs.cu``, ``fitter/irls.cu``) and once with
+``P3DMM_FUSED_KERNELS=0``, side by side: the work inside one graph launch.
+
+    python benchmarks/bench_device_ops.py [--size 256] [--render 128] [--batch 4 16]
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ def main() -> None:
     maps = render_maps(model, params, cam, size=args.size, rgb=False)
     obs = Observation(normals=maps.normals, uv=maps.uv, mask=maps.mask)
 
-    def run(cfg: FitConfig, batch: int = 0, later: bool = False) -> tuple[dict[str, int], int]:
-        """Counts of one fit (or fit_batch); ``later``: of a second one in the same process."""
+    def run(cfg: FitConfig, batch: int = 0, later: bool = False, fused: bool = True) -> tuple[dict[str, int], int]:
+        """Counts of one fit (or fit_batch); ``later``: of a second one in the same process;
+        ``fused=False``: with ``P3DMM_FUSED_KERNELS=0`` (the op chains instead of the fused kernels)."""
+        os.environ["P3DMM_FUSED_KERNELS"] = "1" if fused else "0"
         with tempfile.TemporaryDirectory() as tmp, emulated_cuda(Path(tmp)) as rec:
             for _ in range(2 if later else 1):
                 for k in ("ops", "downloads", "uploads", "graph_launches"):
@@ -92,6 +98,15 @@ def main() -> None:
     if (n1, n2) != (2, 5):
         raise SystemExit(f"the LM stopped early ({n1}, {n2} passes); per-pass counts would be wrong")
     rows.append(("fast: LM pass", diff(f2, f1), 3))
+    # what runs inside the graphs: the same steps launched eagerly, with and without the fused kernels
+    for fused in (True, False):
+        what = "fused kernels" if fused else "P3DMM_FUSED_KERNELS=0"
+        e1, _ = run(FitConfig(solver="fast", fast_iterations=2, cuda_graphs=False, **base), fused=fused)
+        e2, _ = run(FitConfig(solver="fast", fast_iterations=5, cuda_graphs=False, **base), fused=fused)
+        rows.append((f"fast: LM pass, eager ({what})", diff(e2, e1), 3))
+        a6, _ = run(FitConfig(solver="paper", paper_camera_steps=0, paper_steps=6, cuda_graphs=False, **base), fused=fused)
+        a12, _ = run(FitConfig(solver="paper", paper_camera_steps=0, paper_steps=12, cuda_graphs=False, **base), fused=fused)
+        rows.append((f"paper: fitting-stage Adam step, eager ({what})", diff(a12, a6), 6))
     f_def, n_def = run(FitConfig(solver="fast", **base))
     rows.append((f"fast: whole fit, default config ({n_def} passes)", f_def, 1))
     f_later, _ = run(FitConfig(solver="fast", **base), later=True)
@@ -114,7 +129,8 @@ def main() -> None:
         )
     print("(per step rows: differences between runs with more and fewer steps, divided by the step count;")
     print(" device ops: operations launched from the host, a graph launch counting one and our .cu kernels")
-    print(" counting one each outside graphs; .cu kernels: all runs of them, inside graphs too)")
+    print(" counting one each outside graphs; .cu kernels: all runs of them, inside graphs too;")
+    print(" eager rows: cuda_graphs=False, so their device ops are the operations a graph of that step holds)")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ __all__ = [
     "constant",
     "cupy_or_raise",
     "download",
+    "download_all",
     "get_array_module",
     "resolve_device",
     "to_numpy",
@@ -100,14 +101,28 @@ def asarray_on(xp: ModuleType, x: Any, dtype: Any = None) -> Any:
 
 def download(xp: ModuleType, **arrays: Any) -> dict[str, np.ndarray]:
     """Copy several device arrays to the host in one transfer (float64; shapes kept)."""
+    return download_all(xp, [arrays])[0]
+
+
+def download_all(xp: ModuleType, groups: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
+    """:func:`download` of several groups of arrays (one per image of a batch) in one transfer.
+
+    On CuPy the arrays are packed by one ``concatenate`` that also casts them to float64,
+    then read back in one blocking copy.
+    """
     if xp is np:
-        return {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
-    flat = [xp.asarray(v, dtype=xp.float64).reshape(-1) for v in arrays.values()]
-    host = xp.concatenate(flat).get()
-    out, k0 = {}, 0
-    for (k, v), f in zip(arrays.items(), flat):
-        out[k] = host[k0 : k0 + f.shape[0]].reshape(v.shape)
-        k0 += f.shape[0]
+        return [{k: np.asarray(v, dtype=np.float64) for k, v in g.items()} for g in groups]
+    flat = [xp.asarray(v).reshape(-1) for g in groups for v in g.values()]
+    host = xp.concatenate(flat, dtype=xp.float64).get() if flat else np.zeros(0)
+    out: list[dict[str, np.ndarray]] = []
+    k0 = 0
+    for g in groups:
+        d = {}
+        for k, v in g.items():
+            size = int(np.prod(np.shape(v), dtype=np.int64))
+            d[k] = host[k0 : k0 + size].reshape(np.shape(v))
+            k0 += size
+        out.append(d)
     return out
 
 

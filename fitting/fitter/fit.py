@@ -21,7 +21,7 @@ import numpy as np
 
 from ..base.camera import FLAME_TO_OPENCV, Camera
 from ..base.errors import ConventionWarning, FittingError, FitQualityWarning, InputError, P3DMMError
-from ..base.xp import download, resolve_device
+from ..base.xp import download, download_all, resolve_device
 from ..model.flame_model import FlameModel
 from ..model.lbs import flame_forward
 from ..model.params import FlameParams
@@ -30,7 +30,7 @@ from .conventions import check_conventions, uv_in_atlas
 from .energy import EnergyTerms, uv_residuals
 from .fast import STOP_REASONS, init_with_uv, init_with_uv_batch, solve_fast, solve_fast_batch
 from .paper import paper_outcome, solve_paper
-from .problem import FitProblem, prepare
+from .problem import FitProblem, initial_states, prepare, prepare_problem
 from .state import FitState
 from .result import FitResult, fit_quality
 
@@ -77,7 +77,8 @@ def fit(
         state, passes, code = solve_fast(problem, state)
         extra["passes"], extra["code"] = passes, code
     timings["solve"] = time.perf_counter() - t0
-    return _finish(problem, state, init_code, extra, model, timings, t_start)
+    host = download(xp, **_result_arrays(problem, state, init_code, extra))
+    return _result(problem, state, host, model, timings, t_start)
 
 
 def fit_batch(
@@ -95,10 +96,13 @@ def fit_batch(
     (:func:`~.fast.levenberg_marquardt`: stacked variables, one batched solve of the B
     damped systems, per-image damping, acceptance and stopping; a stopped image is
     masked out while the others go on), which on CuPy is one CUDA-graph launch per pass
-    for the whole batch. On NumPy, which has no launch overhead to share, the solves run
-    one image at a time (better cache locality). Each result equals the image's own
+    for the whole batch; the rigid initialisation is batched too, and the results of
+    the whole batch come back in one transfer. Each result equals the image's own
     :func:`fit` up to the batched solver's round-off. The paper solver runs the images
-    one after the other.
+    one after the other. On NumPy, which has no launch overhead to share, each image is
+    fitted from start to end before the next (:func:`fit`; measured: preparing the whole
+    batch first and solving it image by image made each solve 25 % slower, through the
+    allocator's handling of the large temporaries while the batch's maps stay alive).
 
     Args:
         observations: the maps of each image (any mix of sizes is fine on the CPU; on the
@@ -115,31 +119,42 @@ def fit_batch(
     config = config or FitConfig()
     xp = resolve_device(device)
     out: list[Any] = [None] * len(observations)
-    live: list[tuple[int, Any, Any, dict[str, float]]] = []
+    if xp is np and _CPU_CHUNK <= 1:
+        for i, obs in enumerate(observations):
+            try:
+                out[i] = fit(obs, model, config, xp)
+            except P3DMMError as e:
+                e.add_note(f"fit_batch: observations[{i}]")
+                if errors == "raise":
+                    raise
+                out[i] = e
+        return out
+    live: list[tuple[int, Any, dict[str, float]]] = []
     for i, obs in enumerate(observations):
         try:
-            problem, state, timings = prepare(obs, model, config, xp)
+            problem, timings = prepare_problem(obs, model, config, xp)
         except P3DMMError as e:
             e.add_note(f"fit_batch: observations[{i}]")
             if errors == "raise":
                 raise
             out[i] = e
             continue
-        live.append((i, problem, state, timings))
+        live.append((i, problem, timings))
     if not live:
         return out
     problems = [it[1] for it in live]
     B = len(live)
+    t0 = time.perf_counter()
+    starts = initial_states(problems)  # the rigid initialisation, batched per image size
+    t_rigid = (time.perf_counter() - t0) / B
     states: list[Any] = []
     init_codes: list[Any] = []
     extras: list[dict[str, Any]] = []
     t_init = t_solve = 0.0
-    # NumPy has no launch overhead to share, and one image at a time keeps its data in
-    # cache (measured: a batch of 8 at 512 px was 0.88x as fast per image); CuPy: one batch
-    chunk = B if xp is not np else _CPU_CHUNK
+    chunk = B if xp is not np else _CPU_CHUNK  # the batched path on NumPy: the tests
     for c0 in range(0, B, chunk):
         part = problems[c0 : c0 + chunk]
-        st = [it[2] for it in live[c0 : c0 + chunk]]
+        st = starts[c0 : c0 + chunk]
         t0 = time.perf_counter()
         codes0: Any = xp.zeros(len(part), dtype=xp.int64)
         if config.init_uv_iterations > 0:
@@ -156,13 +171,15 @@ def fit_batch(
         states += st
         init_codes += [codes0[b] for b in range(len(part))]
     t_init, t_solve = t_init / B, t_solve / B
-    for b, (i, problem, _, timings) in enumerate(live):
-        timings["init"] += t_init
+    # the results' device work per image, then one transfer for the whole batch
+    hosts = download_all(xp, [_result_arrays(p, states[b], init_codes[b], extras[b]) for b, p in enumerate(problems)])
+    for b, (i, problem, timings) in enumerate(live):
+        timings["init"] = t_rigid + t_init
         timings["solve"] = t_solve
-        # "total": the image's own preparation and result plus its share of the batched solves
+        # "total": the image's own preparation and result plus its share of the batched work
         t_start = time.perf_counter() - sum(timings.values())
         try:
-            out[i] = _finish(problem, states[b], init_codes[b], extras[b], model, timings, t_start)
+            out[i] = _result(problem, states[b], hosts[b], model, timings, t_start)
         except P3DMMError as e:
             e.add_note(f"fit_batch: observations[{i}]")
             if errors == "raise":
@@ -171,33 +188,23 @@ def fit_batch(
     return out
 
 
-#: Images per batched solve on NumPy (see :func:`fit_batch`; the tests raise it to run the batched CPU path).
+#: Images per batched solve on NumPy; 1: :func:`fit` of each image in turn (see
+#: :func:`fit_batch`; the tests raise it to run the batched path on the CPU).
 _CPU_CHUNK = 1
 
 
-def _finish(
-    problem: FitProblem,
-    state: FitState,
-    init_code: Any,
-    extra: dict[str, Any],
-    model: FlameModel,
-    timings: dict[str, float],
-    t_start: float,
-) -> FitResult:
-    """The result of a solved problem: one transfer to the host, the checks, the quality."""
+def _result_arrays(problem: FitProblem, state: FitState, init_code: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """The device arrays a solved problem's result is built from (read back in one transfer,
+    the first read of the fit on CuPy): the deferred input checks, the energies, the state
+    and the vertices."""
     config = problem.config
-    xp = problem.xp
-    H, W = problem.size
-    # ---------------------------------------------------------------- result
-    # everything the result needs, read back in one transfer (the first read of the fit
-    # on CuPy): the deferred input checks, the energies, the state and the vertices
-    verts_d = flame_forward(problem.model, state.params())[0]
+    fwd = flame_forward(problem.model, state.params())
+    verts_d = fwd[0]
     frame = problem.render(state, verts_d)
-    final = problem.energy(state, frame, with_grad=False)
+    final = problem.energy(state, frame, with_grad=False, forward=fwd)
     res = uv_residuals(state, verts_d, problem.uv, frame, config.weights, problem.size)
     explained = res.active & (res.rho < config.quality_uv_px / 512.0)
-    host = download(
-        xp,
+    return dict(
         checks=problem.checks.counts(),
         final=final.to_vector(),
         history=problem.history_array(),
@@ -216,6 +223,19 @@ def _finish(
         init_code=init_code,
         **extra,
     )
+
+
+def _result(
+    problem: FitProblem,
+    state: FitState,
+    host: dict[str, np.ndarray],
+    model: FlameModel,
+    timings: dict[str, float],
+    t_start: float,
+) -> FitResult:
+    """The result of a solved problem from the host copy of :func:`_result_arrays`: the checks, the quality."""
+    config = problem.config
+    H, W = problem.size
     problem.checks.raise_failed(host["checks"])
     history = problem.history_dicts(host["history"])
     if STOP_REASONS[int(host["init_code"])] == "non_finite":

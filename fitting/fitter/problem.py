@@ -33,7 +33,7 @@ from ..model.lbs import flame_forward
 from ..render.raster import rasterize
 from .config import FitConfig, Observation
 from .energy import EnergyTerms, EnergyWeights, evaluate_energy
-from .init import init_rigid
+from .init import init_rigid_batch
 from .state import FitState, Frame, NormalTargets, UVTargets
 from .uv_nn import uv_targets
 from .validation import DeviceChecks, validate_observation
@@ -41,9 +41,12 @@ from .validation import DeviceChecks, validate_observation
 __all__ = [
     "FitProblem",
     "alternative_uv_readings",
+    "camera_start",
     "downsample_normals",
+    "initial_states",
     "model_on",
     "prepare",
+    "prepare_problem",
     "render_frame",
     "uv_vertex_ids",
 ]
@@ -301,6 +304,27 @@ def prepare(
         that need the data are pending in ``problem.checks`` (see :class:`DeviceChecks`);
         call ``problem.checks.raise_failed()`` before using a result.
     """
+    problem, timings = prepare_problem(observation, model, config, xp)
+    t0 = time.perf_counter()
+    state = initial_states([problem])[0]
+    timings["init"] = time.perf_counter() - t0
+    return problem, state, timings
+
+
+def camera_start(config: FitConfig, size: tuple[int, int]) -> tuple[float, np.ndarray]:
+    """The focal length and principal point a fit of an ``(H, W)`` image starts from (and
+    the regulariser pulls towards): the configured ones, else ``2 max(H, W)`` and the centre."""
+    H, W = size
+    f0 = float(config.focal or config.focal_init or 2.0 * max(H, W))
+    pp0 = np.array(config.principal_point if config.principal_point is not None else [(W - 1) / 2, (H - 1) / 2])
+    return f0, pp0
+
+
+def prepare_problem(
+    observation: Observation, model: FlameModel, config: FitConfig, xp: ModuleType
+) -> tuple[FitProblem, dict[str, float]]:
+    """Steps 1-2 of :func:`prepare`: validation, UV correspondences and normal targets
+    (the initial state follows from :func:`initial_states`)."""
     timings: dict[str, float] = {}
     checks = DeviceChecks(xp)
     normals_d, uv_d, mask_d = validate_observation(observation, model, config, xp, checks)
@@ -337,13 +361,7 @@ def prepare(
     ntg = NormalTargets(normals=n_d.astype(dtype), mask=m_d, space=observation.normal_space)
     timings["correspondences"] = time.perf_counter() - t0
 
-    # ----------------------------------------------------------------- init
-    t0 = time.perf_counter()
-    f0 = float(config.focal or config.focal_init or 2.0 * S)
-    pp0 = np.array(config.principal_point if config.principal_point is not None else [(W - 1) / 2, (H - 1) / 2])
-    state = init_rigid(
-        dmodel, uvt, f0, pp0, (H, W), config.weights, fix_focal=config.focal is not None, graphs=config.cuda_graphs
-    )
+    f0, pp0 = camera_start(config, (H, W))
     prior = None if observation.shape_prior is None else asarray_on(xp, observation.shape_prior, dtype)
     problem = FitProblem(
         dmodel,
@@ -358,5 +376,24 @@ def prepare(
         host_faces=model.faces,
         maps=(normals_d, uv_d, mask_d),
     )
-    timings["init"] = time.perf_counter() - t0
-    return problem, state, timings
+    return problem, timings
+
+
+def initial_states(problems: list[FitProblem]) -> list[FitState]:
+    """Step 3 of :func:`prepare` for several problems (one model and configuration): the
+    rigid initialisation from the UV correspondences, batched over the images of each size."""
+    if not problems:
+        return []
+    config = problems[0].config
+    out: list[Any] = [None] * len(problems)
+    sizes = sorted({p.size for p in problems})
+    for size in sizes:
+        idx = [i for i, p in enumerate(problems) if p.size == size]
+        f0, pp0 = camera_start(config, size)
+        states = init_rigid_batch(
+            problems[idx[0]].model, [problems[i].uv for i in idx], f0, pp0, size, config.weights,
+            fix_focal=config.focal is not None, graphs=config.cuda_graphs,
+        )  # fmt: skip
+        for i, st in zip(idx, states):
+            out[i] = st
+    return out

@@ -474,7 +474,7 @@ def _flame_jacobian_fused(model: FlameArrays, cache: ForwardCache, vertex_ids: A
     M = vids.shape[0]
     (W, TR, vp, S, dvp), _ = _kernel_args(xp, model.lbs_weights, cache.TR, cache.v_posed, model.shapedirs, dvp.astype(dt))
     out = xp.empty((M, 3, K + D), dt)
-    args = (xp.ascontiguousarray(vids), np.int32(M), np.int32(n), np.int32(K), np.int32(D),
-            W, TR, vp, S, dAt, dGR, dAtp, dvp, out)  # fmt: skip
-    cuda.launch("p3dmm.fitting.model", "lbs", f"lbs_vertex_jacobian_{suf}", M * 3 * (K + D), args)
+    row_args = (xp.ascontiguousarray(vids), np.int32(M), np.int32(n), np.int32(K), np.int32(D),
+                W, TR, vp, S, dAt, dGR, dAtp, dvp, out)  # fmt: skip
+    cuda.launch("p3dmm.fitting.model", "lbs", f"lbs_vertex_jacobian_{suf}", M * 3 * (K + D), row_args)
     return out.astype(model.v_template.dtype, copy=False)
