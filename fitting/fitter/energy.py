@@ -120,6 +120,7 @@ class EnergyTerms:
     n_uv_active: Any
     n_normal_active: Any
     grad: FitState | None = None
+    uv_residuals: "UVResiduals | None" = None  # the UV term's residuals, for callers that need them too
 
     #: The order of :meth:`to_vector`.
     FIELDS = ("uv", "normal", "regularizer", "n_uv_active", "n_normal_active")
@@ -131,7 +132,7 @@ class EnergyTerms:
     def to_vector(self) -> Any:
         """``(5,)`` float64 device vector of :data:`FIELDS` (kept per step, read at the end)."""
         xp = get_array_module(self.uv, self.normal, self.regularizer)
-        return xp.stack([xp.asarray(getattr(self, k), dtype=xp.float64) for k in self.FIELDS])
+        return xp.stack([xp.asarray(getattr(self, k)) for k in self.FIELDS], dtype=xp.float64)  # one cast, one launch
 
     @staticmethod
     def dict_from_vector(v: np.ndarray) -> dict[str, float]:
@@ -476,7 +477,7 @@ def evaluate_energy(
         + weights.principal * (dpp * dpp).sum()
         + weights.focal * (dlf * dlf)
     )
-    terms = EnergyTerms(uv=e_uv, normal=e_n, regularizer=reg, n_uv_active=n_uv, n_normal_active=n_n)
+    terms = EnergyTerms(uv=e_uv, normal=e_n, regularizer=reg, n_uv_active=n_uv, n_normal_active=n_n, uv_residuals=res)
     if not with_grad:
         return terms
 

@@ -27,7 +27,7 @@ from ..model.lbs import flame_forward
 from ..model.params import FlameParams
 from .config import FitConfig, Observation
 from .conventions import check_conventions, uv_in_atlas
-from .energy import EnergyTerms, uv_residuals
+from .energy import EnergyTerms
 from .fast import STOP_REASONS, init_with_uv, init_with_uv_batch, solve_fast, solve_fast_batch
 from .paper import paper_outcome, solve_paper
 from .problem import FitProblem, initial_states, prepare, prepare_problem
@@ -119,25 +119,27 @@ def fit_batch(
     config = config or FitConfig()
     xp = resolve_device(device)
     out: list[Any] = [None] * len(observations)
+
+    def failed(i: int, e: P3DMMError) -> None:
+        """A bad image: raise (``errors="raise"``) or keep its error in its slot."""
+        e.add_note(f"fit_batch: observations[{i}]")
+        if errors == "raise":
+            raise e
+        out[i] = e
+
     if xp is np and _CPU_CHUNK <= 1:
         for i, obs in enumerate(observations):
             try:
                 out[i] = fit(obs, model, config, xp)
             except P3DMMError as e:
-                e.add_note(f"fit_batch: observations[{i}]")
-                if errors == "raise":
-                    raise
-                out[i] = e
+                failed(i, e)
         return out
     live: list[tuple[int, Any, dict[str, float]]] = []
     for i, obs in enumerate(observations):
         try:
             problem, timings = prepare_problem(obs, model, config, xp)
         except P3DMMError as e:
-            e.add_note(f"fit_batch: observations[{i}]")
-            if errors == "raise":
-                raise
-            out[i] = e
+            failed(i, e)
             continue
         live.append((i, problem, timings))
     if not live:
@@ -181,10 +183,7 @@ def fit_batch(
         try:
             out[i] = _result(problem, states[b], hosts[b], model, timings, t_start)
         except P3DMMError as e:
-            e.add_note(f"fit_batch: observations[{i}]")
-            if errors == "raise":
-                raise
-            out[i] = e
+            failed(i, e)
     return out
 
 
@@ -202,7 +201,8 @@ def _result_arrays(problem: FitProblem, state: FitState, init_code: Any, extra: 
     verts_d = fwd[0]
     frame = problem.render(state, verts_d)
     final = problem.energy(state, frame, with_grad=False, forward=fwd)
-    res = uv_residuals(state, verts_d, problem.uv, frame, config.weights, problem.size)
+    res = final.uv_residuals
+    assert res is not None
     explained = res.active & (res.rho < config.quality_uv_px / 512.0)
     return dict(
         checks=problem.checks.counts(),
