@@ -48,11 +48,16 @@ def _fused(xp: Any, kernel: str, n_threads: int, arrays: tuple[Any, ...], ints: 
     """Run ``rot_<kernel>`` of ``rotation.cu`` on ``arrays`` (cast to one float type); returns its output."""
     f32 = all(a.dtype == xp.float32 for a in arrays)
     dt = xp.float32 if f32 else xp.float64
-    args = [xp.ascontiguousarray(a, dtype=dt) for a in arrays]
+    args = [cuda.kernel_array(xp, a, dt) for a in arrays]
     out = xp.empty(out_shape, dtype=dt)
     tail = tuple(np.int32(v) for v in ints)
     cuda.launch("p3dmm.fitting.base", "rotation", f"rot_{kernel}_{'f32' if f32 else 'f64'}", n_threads, (*args, *tail, out))
     return out
+
+
+def _cast(a: Any, dtype: Any) -> Any:
+    """``a`` in ``dtype`` (no operation when it already is)."""
+    return a if a.dtype == dtype else a.astype(dtype)
 
 
 def skew(r: Any) -> Any:
@@ -78,7 +83,7 @@ def rodrigues(rvec: Any) -> Any:
     xp = get_array_module(rvec)
     if cuda.fused_kernels(xp):
         n = rvec.shape[0]
-        return _fused(xp, "rodrigues", n, (rvec,), (n,), (n, 3, 3)).astype(rvec.dtype, copy=False)
+        return _cast(_fused(xp, "rodrigues", n, (rvec,), (n,), (n, 3, 3)), rvec.dtype)
     r = rvec.astype(xp.float64)
     theta = xp.sqrt((r * r).sum(-1))
     a, b, _, _ = _rodrigues_coeffs(theta, xp)
@@ -105,7 +110,7 @@ def rodrigues_vjp(rvec: Any, grad_R: Any) -> Any:
     xp = get_array_module(rvec)
     if cuda.fused_kernels(xp):
         n = rvec.shape[0]
-        return _fused(xp, "rodrigues_vjp", n, (rvec, grad_R), (n,), (n, 3)).astype(rvec.dtype, copy=False)
+        return _cast(_fused(xp, "rodrigues_vjp", n, (rvec, grad_R), (n,), (n, 3)), rvec.dtype)
     r = rvec.astype(xp.float64)
     G = grad_R.astype(xp.float64)
     theta = xp.sqrt((r * r).sum(-1))
@@ -139,7 +144,7 @@ def rodrigues_jvp(rvec: Any, direction: Any) -> Any:
     if cuda.fused_kernels(xp):
         D, n = direction.shape[0], rvec.shape[0]
         out = _fused(xp, "rodrigues_jvp", D * n, (rvec, direction), (n, D), (D, n, 3, 3))
-        return out.astype(rvec.dtype, copy=False)
+        return _cast(out, rvec.dtype)
     r = rvec.astype(xp.float64)
     dirs = direction.astype(xp.float64)
     theta = xp.sqrt((r * r).sum(-1))
@@ -169,7 +174,7 @@ def rotation_to_axis_angle(R: Any) -> Any:
     if cuda.fused_kernels(xp):
         n = int(np.prod(lead, dtype=np.int64))
         out = _fused(xp, "axis_angle", n, (R.reshape(n, 3, 3),), (n,), (n, 3))
-        return out.reshape(*lead, 3).astype(R.dtype, copy=False)
+        return _cast(out.reshape(*lead, 3), R.dtype)
     r = R.astype(xp.float64)
     r00, r01, r02 = r[..., 0, 0], r[..., 0, 1], r[..., 0, 2]
     r10, r11, r12 = r[..., 1, 0], r[..., 1, 1], r[..., 1, 2]

@@ -97,7 +97,7 @@ def _kernel_args(xp: Any, *arrays: Any) -> tuple[Any, str]:
     dt = arrays[0].dtype
     if any(a.dtype != dt for a in arrays) or dt not in (np.float32, np.float64):
         dt = np.dtype(np.float64)
-    return tuple(xp.ascontiguousarray(a, dtype=dt) for a in arrays), ("f32" if dt == np.float32 else "f64")
+    return tuple(cuda.kernel_array(xp, a, dt) for a in arrays), ("f32" if dt == np.float32 else "f64")
 
 
 def _fuse_chain(xp: Any, parents: np.ndarray) -> bool:
@@ -470,11 +470,11 @@ def _flame_jacobian_fused(model: FlameArrays, cache: ForwardCache, vertex_ids: A
     cuda.launch("p3dmm.fitting.model", "lbs", f"lbs_jacobian_chain_{suf}", K + D, args)
     dpf = dRc[:, 1:].reshape(D, 9 * (n - 1))  # pose-feature derivative
     dvp = (model.posedirs.reshape(V * 3, -1) @ dpf.T).reshape(V, 3, D)
-    vids = constant(xp, np.arange(V), np.int64) if vertex_ids is None else vertex_ids.astype(xp.int64, copy=False)
+    vids = constant(xp, np.arange(V), np.int64) if vertex_ids is None else vertex_ids
     M = vids.shape[0]
-    (W, TR, vp, S, dvp), _ = _kernel_args(xp, model.lbs_weights, cache.TR, cache.v_posed, model.shapedirs, dvp.astype(dt))
+    (W, TR, vp, S, dvp), _ = _kernel_args(xp, model.lbs_weights, cache.TR, cache.v_posed, model.shapedirs, dvp)
     out = xp.empty((M, 3, K + D), dt)
-    row_args = (xp.ascontiguousarray(vids), np.int32(M), np.int32(n), np.int32(K), np.int32(D),
+    row_args = (cuda.kernel_array(xp, vids, np.int64), np.int32(M), np.int32(n), np.int32(K), np.int32(D),
                 W, TR, vp, S, dAt, dGR, dAtp, dvp, out)  # fmt: skip
     cuda.launch("p3dmm.fitting.model", "lbs", f"lbs_vertex_jacobian_{suf}", M * 3 * (K + D), row_args)
-    return out.astype(model.v_template.dtype, copy=False)
+    return out if out.dtype == model.v_template.dtype else out.astype(model.v_template.dtype)
