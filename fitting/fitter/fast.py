@@ -257,26 +257,8 @@ def _normal_rows_fused(Jn: Any, d: Any, keep: Any, w_normal: float, n_pixels: An
     rows = 3 * P
     if not isinstance(keep, xp.ndarray) or keep.dtype != xp.bool_ or keep.size != P or rows >= 2**31:
         return None
-    n_pix = cuda.kernel_scalar(xp, n_pixels, dt)
-    eps = cuda.kernel_scalar(xp, eps_scale, dt)
-    if n_pix is None or eps is None:
-        return None
-    Jw = xp.empty((rows, nf), dtype=dt)
-    args = (
-        cuda.kernel_array(xp, Jn.reshape(rows, nf), dt),
-        cuda.kernel_array(xp, d, dt),
-        cuda.kernel_array(xp, keep.reshape(-1), xp.bool_).view(xp.uint8),
-        np.float64(w_normal),
-        n_pix,
-        np.float64(_EPS_N),
-        eps,
-        np.int32(rows),
-        np.int32(nf),
-        Jw,
-    )
-    suffix = "f32" if dt == np.float32 else "f64"
-    cuda.launch("p3dmm.fitting.fitter", "irls", f"irls_normal_rows_{suffix}", rows * nf, args)
-    return Jw
+    J = Jn.reshape(rows, nf)
+    return _weighted_rows("irls_normal_rows", J, d, keep.reshape(-1), w_normal, n_pixels, _EPS_N, eps_scale)
 
 
 def _uv_rows_fused(J: Any, rho: Any, active: Any, w_uv: float, n_targets: Any, eps_scale: Any) -> Any:
@@ -287,29 +269,39 @@ def _uv_rows_fused(J: Any, rho: Any, active: Any, w_uv: float, n_targets: Any, e
     dt = J.dtype
     if not cuda.fused_kernels(xp) or dt not in (np.float32, np.float64) or rho.dtype != dt:
         return None
-    rows, n = (int(s) for s in J.shape)
+    rows = int(J.shape[0])
     if rows != 2 * int(rho.shape[0]) or rows >= 2**31:
         return None
-    n_t = cuda.kernel_scalar(xp, n_targets, dt)
-    eps = cuda.kernel_scalar(xp, eps_scale, dt)
-    if n_t is None or eps is None:
+    return _weighted_rows("irls_uv_rows", J, rho, active, w_uv, n_targets, _EPS_UV, eps_scale)
+
+
+def _weighted_rows(kernel: str, J: Any, r: Any, mask: Any, w: float, count: Any, eps: float, eps_scale: Any) -> Any:
+    """Launch ``<kernel>_f32/_f64`` of ``irls.cu`` on ``J (rows, ncols)`` with residuals ``r``,
+    a bool ``mask``, the weight ``w``, the 0-d normaliser ``count`` and the IRLS floor
+    ``eps * eps_scale``; returns the weighted rows, or None where a scalar cannot be passed
+    to the kernel as it is (the caller runs the op chain then)."""
+    xp = get_array_module(J)
+    dt = J.dtype
+    count_d, eps_d = cuda.kernel_scalar(xp, count, dt), cuda.kernel_scalar(xp, eps_scale, dt)
+    if count_d is None or eps_d is None:
         return None
-    Jw = xp.empty((rows, n), dtype=dt)
+    rows, ncols = (int(n) for n in J.shape)
+    out = xp.empty((rows, ncols), dtype=dt)
     args = (
         cuda.kernel_array(xp, J, dt),
-        cuda.kernel_array(xp, rho, dt),
-        cuda.kernel_array(xp, active, xp.bool_).view(xp.uint8),
-        np.float64(w_uv),
-        n_t,
-        np.float64(_EPS_UV),
-        eps,
+        cuda.kernel_array(xp, r, dt),
+        cuda.kernel_array(xp, mask, xp.bool_).view(xp.uint8),
+        np.float64(w),
+        count_d,
+        np.float64(eps),
+        eps_d,
         np.int32(rows),
-        np.int32(n),
-        Jw,
+        np.int32(ncols),
+        out,
     )
     suffix = "f32" if dt == np.float32 else "f64"
-    cuda.launch("p3dmm.fitting.fitter", "irls", f"irls_uv_rows_{suffix}", rows * n, args)
-    return Jw
+    cuda.launch("p3dmm.fitting.fitter", "irls", f"{kernel}_{suffix}", rows * ncols, args)
+    return out
 
 
 def _face_normal_jacobian(verts: Any, faces: Any, Jc: Any) -> Any:
