@@ -550,6 +550,8 @@ def _function(fn: Any, name: str) -> Any:
             return _view(compute, (*args, *kwargs.values()))
         if "out" in kwargs:
             return _inplace(kw["out"], compute)
+        if name == "copyto":  # writes its first argument
+            return _inplace(a[0], compute)
         return _out(compute)
 
     call.__name__ = name

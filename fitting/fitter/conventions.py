@@ -33,18 +33,15 @@ import numpy as np
 
 from ..base.errors import InputError
 from ..base.xp import asarray_on
-from ..model.arrays import FlameUV
 from ..model.lbs import flame_forward
 from .energy import normal_residuals, output_rotation, uv_residuals
 from .init import init_rigid
 from .problem import FitProblem, alternative_uv_readings, downsample_normals, uv_vertex_ids
 from .state import FitState, Frame, NormalTargets, UVTargets
 from .uv_nn import uv_targets
+from .validation import ATLAS_RESOLUTION, atlas_pixels
 
 __all__ = ["ATLAS_RESOLUTION", "check_conventions", "normal_agreement", "uv_consistency", "uv_in_atlas"]
-
-#: Texels per side of the atlas coverage image :func:`uv_in_atlas` reads (2 texels of margin).
-ATLAS_RESOLUTION = 512
 
 #: An alternative reading must explain more than this fraction, and twice the declared one.
 _CLEARLY = 0.5
@@ -62,36 +59,17 @@ def normal_agreement(problem: FitProblem, state: FitState, frame: Frame, normals
     return float(nr.keep.sum()) / max(float(normals.n_mask), 1.0)
 
 
-#: (layout, array module) -> the coverage image on that device (one upload per layout)
-_DEVICE_COVERAGE: dict[tuple[int, int], tuple[FlameUV, Any, Any]] = {}
-
-
-def _device_coverage(uv: FlameUV, xp: Any) -> Any:
-    cov = uv.coverage(ATLAS_RESOLUTION)
-    if xp is np:
-        return cov
-    key = (id(uv), id(xp))
-    hit = _DEVICE_COVERAGE.get(key)
-    # the stored objects keep both ids valid; the identity checks guard against a reused id
-    if hit is None or hit[0] is not uv or hit[1] is not xp:
-        hit = (uv, xp, asarray_on(xp, cov))
-        _DEVICE_COVERAGE[key] = hit
-    return hit[2]
-
-
 def uv_in_atlas(problem: FitProblem) -> object:
     """0-d device count of the observation's mask pixels whose UV lies on the model's UV atlas
-    (:meth:`~p3dmm.fitting.model.arrays.FlameUV.coverage` at :data:`ATLAS_RESOLUTION`)."""
+    (:func:`~.validation.atlas_pixels`; counted when the problem was prepared, for the
+    images of a batch at once)."""
     xp = problem.xp
+    if problem.n_in_atlas is not None:
+        return problem.n_in_atlas
     if problem.maps is None or problem.model.uv is None:
         return xp.zeros((), dtype=xp.int64)
     _, uv_map, mask = problem.maps
-    cov = _device_coverage(problem.model.uv, xp)
-    R = ATLAS_RESOLUTION
-    # every pixel, masked afterwards: boolean indexing would read its size back from the GPU
-    col = xp.clip((uv_map[..., 0] * R).astype(xp.int64), 0, R - 1)
-    row = xp.clip(((1.0 - uv_map[..., 1]) * R).astype(xp.int64), 0, R - 1)
-    return (cov[row, col] & mask).sum()
+    return atlas_pixels(problem.model.uv, uv_map, mask)
 
 
 def uv_consistency(problem: FitProblem, uv_map: object, mask: object) -> float:

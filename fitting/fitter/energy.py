@@ -386,7 +386,8 @@ def evaluate_energy(
         focal_prior: log focal length the focal regulariser pulls towards.
         pp_prior: ``(2,)`` principal point prior.
         with_grad: compute the gradient too.
-        forward: optional ``(vertices, cache)`` of :func:`flame_forward` at ``state``.
+        forward: optional ``(vertices, cache)`` of :func:`flame_forward` at ``state``
+            (the cache may be None when ``with_grad`` is False).
         dense_pixels: evaluate L_n on every render pixel (every pixel of
             ``normals.grid`` when given) with a 0/1 weight instead of gathering the
             covered ones (default: on CuPy, where a gather would need the pixel count on

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -545,6 +545,8 @@ class _Carry:
     dH: Any
     x0: Any
     e_total: Any
+    best_verts: list[Any] = field(default_factory=list)  # per image: posed vertices of best_x
+    best_frames: list[Any] = field(default_factory=list)  # per image: the Frame rendered at best_x
 
     @staticmethod
     def start(xp: Any, x: Any, iterations: int) -> "_Carry":
@@ -613,6 +615,15 @@ def levenberg_marquardt(
     B = len(problems)
     relin = [True] * B  # which images linearise in the next pass (the GPU: all, always)
     frames: list[Any] = [None] * B
+    # the vertices and render of each image's best state, kept for its result (which then
+    # needs no forward pass or render of its own): on the GPU buffers written in place at
+    # each improvement (inside the graph), on the CPU references to the pass's arrays
+    dt = p0.model.v_template.dtype
+    for p in problems:
+        R, N = p.render_size, int(p.uv.vertex_ids.shape[0])
+        c.best_verts.append(xp.zeros((p.model.n_vertices, 3), dtype=dt))
+        c.best_frames.append(Frame(face_id=xp.full((R, R), -1, dtype=xp.int32), bary=xp.zeros((R, R, 3), dtype=dt),
+                                   visible=xp.zeros(N, dtype=bool)))  # fmt: skip
 
     def step() -> None:
         _lm_pass(problems, template, c, weights, normals, relin, frames, dense)
@@ -637,6 +648,9 @@ def levenberg_marquardt(
     for b, p in enumerate(problems):
         p.record_rows(stage, c.hist[b, :iterations])
     out = [template.from_vector(c.best_x[b]) for b in range(B)]
+    if iterations > 0:  # the first pass linearises every image: its best state has a render
+        for b, p in enumerate(problems):
+            p.evaluated = (out[b], c.best_verts[b], c.best_frames[b])
     return out, c.passes, c.code
 
 
@@ -669,12 +683,13 @@ def _lm_pass(
         floors = xp.maximum(1.0, cfg.fast_irls_floor_start * cfg.fast_irls_floor_decay ** (n_fresh - 1).astype(f64))
         floors = floors.astype(dt)  # a float64 array would promote the weights
         skip = c.done | ~c.fresh
-        rows, totals, Hs, gs = [], [], [], []
+        rows, totals, Hs, gs, verts = [], [], [], [], []
         for b in idx:
             p = problems[b]
             st = template.from_vector(c.x[b])
             nt = normals[b] if normals is not None else None
             fwd = flame_forward(p.model, st.params())
+            verts.append(fwd[0])
             frames[b] = p.render(st, fwd[0])
             e = p.energy(st, frames[b], weights, normals=nt, forward=fwd)
             H, g = normal_equations(
@@ -706,6 +721,15 @@ def _lm_pass(
         better = fresh & finite & (e_total < c.best_total)
         c.best_x[...] = xp.where(better[:, None], c.x, c.best_x)
         c.best_total[...] = xp.where(better, e_total, c.best_total)
+        better_h = None if dense else better.tolist()
+        for j, b in enumerate(idx):
+            fr, bf = frames[b], c.best_frames[b]
+            if dense:
+                for dst, src in ((bf.face_id, fr.face_id), (bf.bary, fr.bary), (bf.visible, fr.visible),
+                                 (c.best_verts[b], verts[j])):  # fmt: skip
+                    xp.copyto(dst, src, where=better[b])
+            elif better_h[b]:  # type: ignore[index]
+                c.best_frames[b], c.best_verts[b] = fr, verts[j]
         new_code = xp.where(~finite, 3, xp.where(fresh & (c.stale >= 2), 1, 0))
         c.code[...] = xp.where(done, c.code, new_code)
         c.done[...] = done | (new_code > 0)

@@ -30,7 +30,7 @@ from .conventions import check_conventions, uv_in_atlas
 from .energy import EnergyTerms
 from .fast import STOP_REASONS, init_with_uv, init_with_uv_batch, solve_fast, solve_fast_batch
 from .paper import paper_outcome, solve_paper
-from .problem import FitProblem, initial_states, prepare, prepare_problem
+from .problem import FitProblem, initial_states, prepare, prepare_problems
 from .state import FitState
 from .result import FitResult, fit_quality
 
@@ -90,14 +90,16 @@ def fit_batch(
 ) -> list[Any]:
     """:func:`fit` of several images with one set of launches per solver pass.
 
-    The images share the model and the configuration. Each is prepared on its own
-    (validation, UV correspondences, rigid initialisation); the fast solver and the
+    The images share the model and the configuration. The maps of same-size images are
+    checked, masked and downsampled as one stack (:func:`~.problem.prepare_problems`; the
+    UV correspondences are searched per image); the fast solver and the
     initialisation's UV stage then run on all of them at once
     (:func:`~.fast.levenberg_marquardt`: stacked variables, one batched solve of the B
     damped systems, per-image damping, acceptance and stopping; a stopped image is
     masked out while the others go on), which on CuPy is one CUDA-graph launch per pass
-    for the whole batch; the rigid initialisation is batched too, and the results of
-    the whole batch come back in one transfer. Each result equals the image's own
+    for the whole batch; the rigid initialisation is batched too, each result reuses
+    the solver's render of its best state, and the results of the whole batch come back
+    in one transfer. Each result equals the image's own
     :func:`fit` up to the batched solver's round-off. The paper solver runs the images
     one after the other. On NumPy, which has no launch overhead to share, each image is
     fitted from start to end before the next (:func:`fit`; measured: preparing the whole
@@ -135,13 +137,11 @@ def fit_batch(
                 failed(i, e)
         return out
     live: list[tuple[int, Any, dict[str, float]]] = []
-    for i, obs in enumerate(observations):
-        try:
-            problem, timings = prepare_problem(obs, model, config, xp)
-        except P3DMMError as e:
-            failed(i, e)
-            continue
-        live.append((i, problem, timings))
+    for i, prepared in enumerate(prepare_problems(observations, model, config, xp)):
+        if isinstance(prepared, P3DMMError):
+            failed(i, prepared)
+        else:
+            live.append((i, *prepared))
     if not live:
         return out
     problems = [it[1] for it in live]
@@ -197,10 +197,13 @@ def _result_arrays(problem: FitProblem, state: FitState, init_code: Any, extra: 
     the first read of the fit on CuPy): the deferred input checks, the energies, the state
     and the vertices."""
     config = problem.config
-    fwd = flame_forward(problem.model, state.params())
-    verts_d = fwd[0]
-    frame = problem.render(state, verts_d)
-    final = problem.energy(state, frame, with_grad=False, forward=fwd)
+    ev = problem.evaluated
+    if ev is not None and ev[0] is state:  # the solver's own forward pass and render of this state
+        verts_d, frame = ev[1], ev[2]
+    else:
+        verts_d = flame_forward(problem.model, state.params())[0]
+        frame = problem.render(state, verts_d)
+    final = problem.energy(state, frame, with_grad=False, forward=(verts_d, None))
     res = final.uv_residuals
     assert res is not None
     explained = res.active & (res.rho < config.quality_uv_px / 512.0)
@@ -219,7 +222,7 @@ def _result_arrays(problem: FitProblem, state: FitState, init_code: Any, extra: 
         n_explained=explained.sum(),
         n_mask=problem.normals.n_mask,
         n_in_atlas=uv_in_atlas(problem),
-        n_mask_full=problem.maps[2].sum() if problem.maps is not None else 0,
+        n_mask_full=problem.n_mask_full if problem.n_mask_full is not None else 0,
         init_code=init_code,
         **extra,
     )

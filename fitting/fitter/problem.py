@@ -21,13 +21,14 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from ..base.errors import FittingError
-from ..base.xp import asarray_on, get_array_module
+from ..base.errors import FittingError, P3DMMError
+from ..base.xp import asarray_on, constant, get_array_module
 from ..model.flame_model import FlameModel
 from ..model.lbs import flame_forward
 from ..render.raster import rasterize
@@ -36,7 +37,7 @@ from .energy import EnergyTerms, EnergyWeights, evaluate_energy
 from .init import init_rigid_batch
 from .state import FitState, Frame, NormalTargets, UVTargets
 from .uv_nn import uv_targets
-from .validation import DeviceChecks, validate_observation
+from .validation import DeviceChecks, atlas_pixels, check_observation, map_checks, require_maps, stack_maps
 
 __all__ = [
     "FitProblem",
@@ -47,6 +48,7 @@ __all__ = [
     "model_on",
     "prepare",
     "prepare_problem",
+    "prepare_problems",
     "render_frame",
     "uv_vertex_ids",
 ]
@@ -92,20 +94,20 @@ def _correspondence_hint(query: Any, uv_map: Any, mask: Any, delta_uv_sq: float,
 
 
 def downsample_normals(normals: Any, mask: Any, size: int) -> tuple[Any, Any]:
-    """Square ``(S, S)`` maps to ``size x size``: area average (majority mask) when S is a
-    multiple of ``size``, nearest pixel otherwise."""
+    """Square ``(..., S, S)`` maps (any leading batch axes) to ``size x size``: area average
+    (majority mask) when S is a multiple of ``size``, nearest pixel otherwise."""
     xp = get_array_module(normals)
-    H, W = mask.shape
+    lead, (H, W) = mask.shape[:-2], mask.shape[-2:]
     s = size / max(H, W)
     if H % size == 0 and W % size == 0 and H == W:
         k = H // size
-        n = (normals * mask[..., None]).reshape(size, k, size, k, 3).sum((1, 3))
-        m = mask.reshape(size, k, size, k).mean((1, 3)) > 0.5
+        n = (normals * mask[..., None]).reshape(*lead, size, k, size, k, 3).sum((-4, -2))
+        m = mask.reshape(*lead, size, k, size, k).mean((-3, -1)) > 0.5
     else:
         rows = xp.clip(((xp.arange(size) + 0.5) / s - 0.5).round().astype(xp.int64), 0, H - 1)
         cols = xp.clip(((xp.arange(size) + 0.5) / s - 0.5).round().astype(xp.int64), 0, W - 1)
-        n = normals[rows][:, cols]
-        m = mask[rows][:, cols]
+        n = normals[..., rows[:, None], cols[None, :], :]
+        m = mask[..., rows[:, None], cols[None, :]]
     norm = xp.sqrt((n * n).sum(-1, keepdims=True))
     m = m & (norm[..., 0] > 1e-6)
     return (n / xp.maximum(norm, 1e-12)).astype(normals.dtype), m
@@ -164,8 +166,14 @@ class FitProblem:
             from them without reading the device).
         maps: the validated observation ``(normals, uv, mask)`` at its own resolution
             (used to diagnose convention mistakes), or None.
+        n_in_atlas: device count of the mask pixels whose UV lies on the model's UV atlas
+            (:func:`~.validation.atlas_pixels`), or None (counted from ``maps`` when asked).
+        n_mask_full: device count of the mask pixels of ``maps``, or None.
         history: one entry per recorded step (stage, iteration, device vector).
         n_renders: renders so far.
+        evaluated: ``(state, posed vertices, frame)`` of the state a solver returned last,
+            when it had them (the fast solver's best linearisation), or None; the result
+            reuses them when its state is that one.
     """
 
     def __init__(
@@ -181,6 +189,8 @@ class FitProblem:
         checks: DeviceChecks | None = None,
         host_faces: Any = None,
         maps: tuple[Any, Any, Any] | None = None,
+        n_in_atlas: Any = None,
+        n_mask_full: Any = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -193,9 +203,12 @@ class FitProblem:
         self.xp = get_array_module(model.v_template)
         self.history: list[tuple[str, int, Any]] = []
         self.n_renders = 0
+        self.evaluated: tuple[FitState, Any, Frame] | None = None
         self.checks = checks if checks is not None else DeviceChecks(self.xp)
         self.host_faces = host_faces if host_faces is not None else model.faces
         self.maps = maps
+        self.n_in_atlas = n_in_atlas
+        self.n_mask_full = n_mask_full
 
     @property
     def render_size(self) -> int:
@@ -325,58 +338,98 @@ def prepare_problem(
 ) -> tuple[FitProblem, dict[str, float]]:
     """Steps 1-2 of :func:`prepare`: validation, UV correspondences and normal targets
     (the initial state follows from :func:`initial_states`)."""
-    timings: dict[str, float] = {}
-    checks = DeviceChecks(xp)
-    normals_d, uv_d, mask_d = validate_observation(observation, model, config, xp, checks)
+    out = prepare_problems([observation], model, config, xp)[0]
+    if isinstance(out, P3DMMError):
+        raise out
+    return out
+
+
+def prepare_problems(
+    observations: Sequence[Observation], model: FlameModel, config: FitConfig, xp: ModuleType
+) -> list[tuple[FitProblem, dict[str, float]] | P3DMMError]:
+    """:func:`prepare_problem` of several images: per image its problem and timings, or the
+    error of a bad image (the others go on).
+
+    The host checks run per image; the images of each map size are then stacked, and their
+    data checks, masking, UV-atlas counts and normal downsampling run once for the stack.
+    The UV correspondences are searched per image.
+    """
+    out: list[Any] = [None] * len(observations)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, obs in enumerate(observations):
+        try:
+            groups.setdefault(check_observation(obs, model), []).append(i)
+        except P3DMMError as e:
+            out[i] = e
+    if not groups:
+        return out
     dmodel = model_on(model, xp)
     dtype = dmodel.v_template.dtype
-    H, W = mask_d.shape
-    S = max(H, W)
-
-    # ------------------------------------------------------------ correspondences
-    t0 = time.perf_counter()
     ids = uv_vertex_ids(model, config.uv_regions)
-    query = asarray_on(xp, model.uv.vertex_uv[ids], np.float32)  # type: ignore[union-attr]
-    pix, valid = uv_targets(query, uv_d, mask_d, config.delta_uv_sq)
-    n_valid = valid.sum()
-    n_valid = int(n_valid) if xp is np else n_valid.astype(dtype)
+    # the same for every image of the model and configuration: uploaded once per process
+    query = constant(xp, model.uv.vertex_uv[ids], np.float32)  # type: ignore[union-attr]
+    ids_d = constant(xp, ids, ids.dtype)
     min_t, radius = config.min_targets, math.sqrt(config.delta_uv_sq)
-    checks.require(
-        n_valid,
-        lambda n: n >= min_t,
-        lambda n: FittingError(
-            f"fit: only {n} FLAME vertices found a pixel with UV within sqrt(delta_uv_sq)={radius:.4f} "
-            f"(need {min_t}); the UV map does not match the model's UV layout or the mask is wrong"
-            + _correspondence_hint(query, uv_d, mask_d, config.delta_uv_sq, n)
-        ),
-    )
-    # all queried vertices keep their row (fixed shapes on the device); `valid` masks them
-    uvt = UVTargets(
-        vertex_ids=asarray_on(xp, ids),
-        pixels=xp.where(valid[:, None], pix, 0.0).astype(dtype),
-        n_targets=n_valid,
-        valid=valid,
-    )
-    n_d, m_d = downsample_normals(normals_d, mask_d, min(config.render_size, S))
-    ntg = NormalTargets(normals=n_d.astype(dtype), mask=m_d, space=observation.normal_space)
-    timings["correspondences"] = time.perf_counter() - t0
-
-    f0, pp0 = camera_start(config, (H, W))
-    prior = None if observation.shape_prior is None else asarray_on(xp, observation.shape_prior, dtype)
-    problem = FitProblem(
-        dmodel,
-        config,
-        uvt,
-        ntg,
-        (H, W),
-        prior,
-        math.log(f0),
-        asarray_on(xp, pp0, dtype),
-        checks=checks,
-        host_faces=model.faces,
-        maps=(normals_d, uv_d, mask_d),
-    )
-    return problem, timings
+    for (H, W), idx in groups.items():
+        t0 = time.perf_counter()
+        S = max(H, W)
+        uv_s, normals_s, mask_s = stack_maps([observations[i] for i in idx], xp)
+        counts, normals_s, uv_s = map_checks(uv_s, normals_s, mask_s)
+        in_atlas = atlas_pixels(dmodel.uv, uv_s, mask_s)  # type: ignore[arg-type]
+        n_s, m_s = downsample_normals(normals_s, mask_s, min(config.render_size, S))
+        n_s = n_s.astype(dtype)
+        f0, pp0 = camera_start(config, (H, W))
+        pp0_d = constant(xp, pp0, dtype)
+        t_group = (time.perf_counter() - t0) / len(idx)
+        for j, i in enumerate(idx):
+            t0 = time.perf_counter()
+            obs = observations[i]
+            checks = DeviceChecks(xp)
+            uv_d, mask_d = uv_s[j], mask_s[j]
+            try:
+                require_maps(checks, counts[:, j], config)
+                # ------------------------------------------------------------ correspondences
+                pix, valid = uv_targets(query, uv_d, mask_d, config.delta_uv_sq)
+                n_valid = valid.sum()
+                n_valid = int(n_valid) if xp is np else n_valid.astype(dtype)
+                checks.require(
+                    n_valid,
+                    lambda n: n >= min_t,
+                    lambda n, uv_d=uv_d, mask_d=mask_d: FittingError(
+                        f"fit: only {n} FLAME vertices found a pixel with UV within sqrt(delta_uv_sq)={radius:.4f} "
+                        f"(need {min_t}); the UV map does not match the model's UV layout or the mask is wrong"
+                        + _correspondence_hint(query, uv_d, mask_d, config.delta_uv_sq, n)
+                    ),
+                )
+            except P3DMMError as e:
+                out[i] = e
+                continue
+            # all queried vertices keep their row (fixed shapes on the device); `valid` masks them
+            uvt = UVTargets(
+                vertex_ids=ids_d,
+                pixels=xp.where(valid[:, None], pix, 0.0).astype(dtype),
+                n_targets=n_valid,
+                valid=valid,
+            )
+            ntg = NormalTargets(normals=n_s[j], mask=m_s[j], space=obs.normal_space)
+            prior = None if obs.shape_prior is None else asarray_on(xp, obs.shape_prior, dtype)
+            problem = FitProblem(
+                dmodel,
+                config,
+                uvt,
+                ntg,
+                (H, W),
+                prior,
+                math.log(f0),
+                pp0_d,
+                checks=checks,
+                host_faces=model.faces,
+                maps=(normals_s[j], uv_d, mask_d),
+                n_in_atlas=in_atlas[j],
+                n_mask_full=counts[2, j],
+            )
+            out[i] = (problem, {"correspondences": t_group + time.perf_counter() - t0})
+    return out
 
 
 def initial_states(problems: list[FitProblem]) -> list[FitState]:

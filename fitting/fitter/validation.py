@@ -9,12 +9,22 @@ from typing import Any
 import numpy as np
 
 from ..base.errors import FittingError, InputError
-from ..base.xp import asarray_on
+from ..base.xp import asarray_on, get_array_module
+from ..model.arrays import FlameUV
 from ..model.flame_model import FlameModel
 from ..render.maps import NORMAL_SPACES
 from .config import FitConfig, Observation
 
-__all__ = ["DeviceChecks", "validate_observation"]
+__all__ = [
+    "ATLAS_RESOLUTION",
+    "DeviceChecks",
+    "atlas_pixels",
+    "check_observation",
+    "map_checks",
+    "require_maps",
+    "stack_maps",
+    "validate_observation",
+]
 
 
 # ======================================================================= validation
@@ -63,14 +73,12 @@ class DeviceChecks:
                 raise error(int(n))
 
 
-def validate_observation(
-    obs: Observation, model: FlameModel, config: FitConfig, xp: Any, checks: DeviceChecks
-) -> tuple[Any, Any, Any]:
-    """Check the observation; returns (normals, uv, mask) on the fitting device.
+def check_observation(obs: Observation, model: FlameModel) -> tuple[int, int]:
+    """The host checks of an observation (shapes, dtypes, normal space, the model's UVs);
+    returns its ``(H, W)``.
 
-    Shapes, dtypes and the model are checked on the host at once. The two checks that
-    need the data (non-finite masked pixels, mask size) go through ``checks``: immediate
-    on NumPy, read with the result on CuPy (maps already on the device stay there).
+    Raises:
+        InputError, FittingError: the first failed check, naming the field.
     """
     uv, normals, mask = obs.uv, obs.normals, obs.mask
     for name, a in (("uv", uv), ("normals", normals), ("mask", mask)):
@@ -96,22 +104,54 @@ def validate_observation(
         raise FittingError(f"fit: model {model.name!r} has no UV layout; load it with uv='head_template.obj'")
     if obs.shape_prior is not None and tuple(np.shape(obs.shape_prior)) != (model.n_shape,):
         raise InputError(f"fit: observation.shape_prior has shape {np.shape(obs.shape_prior)}, expected ({model.n_shape},)")
-    uv = asarray_on(xp, uv)
-    normals = asarray_on(xp, normals)
-    mask = asarray_on(xp, mask)
+    return int(H), int(W)
+
+
+def stack_maps(observations: list[Observation], xp: Any) -> tuple[Any, Any, Any]:
+    """The ``(B, H, W, 2)`` UV, ``(B, H, W, 3)`` normal and ``(B, H, W)`` bool mask maps of
+    same-size observations (checked by :func:`check_observation`) on the fitting device:
+    host maps are stacked on the host and uploaded once each, device maps stacked there."""
+
+    def stacked(name: str) -> Any:
+        arrays = [getattr(o, name) for o in observations]
+        if all(isinstance(a, np.ndarray) for a in arrays):
+            return asarray_on(xp, np.stack(arrays))
+        return xp.stack([asarray_on(xp, a) for a in arrays])
+
+    uv, normals, mask = stacked("uv"), stacked("normals"), stacked("mask")
     if mask.dtype != bool:
         mask = mask > 0.5
+    return uv, normals, mask
+
+
+def map_checks(uv: Any, normals: Any, mask: Any) -> tuple[Any, Any, Any]:
+    """The data checks of stacked maps (:func:`stack_maps`), one set of launches for the batch.
+
+    Returns:
+        ``(counts, normals, uv)``: ``(3, B)`` counts per image for :func:`require_maps`
+        (masked pixels with NaN/inf, masked pixels with UV outside [0, 1], mask pixels),
+        and the float32 maps with everything off the mask set to 0.
+    """
+    xp = get_array_module(mask)
     bad = ~(xp.isfinite(uv).all(-1) & xp.isfinite(normals).all(-1)) & mask
-    checks.require(
-        bad.sum(),
-        lambda n: n == 0,
-        lambda n: InputError(f"fit: {n} masked pixels have NaN/inf in observation.uv or observation.normals"),
-    )
     # UV in [0, 1] (the FLAME layout's range); a raw [-1, 1] network output or 8/16-bit codes
     # put many masked pixels outside it
     out_of_range = ((uv < -0.01) | (uv > 1.01)).any(-1) & mask & ~bad
+    counts = xp.stack([bad, out_of_range, mask]).sum((2, 3))
+    m = mask[..., None]
+    return counts, xp.where(m, normals, 0.0).astype(xp.float32), xp.where(m, uv, 0.0).astype(xp.float32)
+
+
+def require_maps(checks: DeviceChecks, counts: Any, config: FitConfig) -> None:
+    """Queue (or, on NumPy, run) one image's data checks: ``counts`` is its ``(3,)`` column of
+    :func:`map_checks`."""
     checks.require(
-        out_of_range.sum(),
+        counts[0],
+        lambda n: n == 0,
+        lambda n: InputError(f"fit: {n} masked pixels have NaN/inf in observation.uv or observation.normals"),
+    )
+    checks.require(
+        counts[1],
         lambda n: n == 0,
         lambda n: InputError(
             f"fit: {n} masked pixels of observation.uv are outside [0, 1]; expected FLAME UV coordinates in [0, 1] "
@@ -120,9 +160,59 @@ def validate_observation(
     )
     min_px = config.min_mask_pixels
     checks.require(
-        mask.sum(),
+        counts[2],
         lambda n: n >= min_px,
         lambda n: FittingError(f"fit: observation.mask has {n} pixels, fewer than min_mask_pixels={min_px}"),
     )
-    normals = xp.where(mask[..., None], normals, 0.0).astype(xp.float32)
-    return normals, xp.where(mask[..., None], uv, 0.0).astype(xp.float32), mask
+
+
+def validate_observation(
+    obs: Observation, model: FlameModel, config: FitConfig, xp: Any, checks: DeviceChecks
+) -> tuple[Any, Any, Any]:
+    """Check the observation; returns (normals, uv, mask) on the fitting device.
+
+    Shapes, dtypes and the model are checked on the host at once (:func:`check_observation`).
+    The checks that need the data (non-finite masked pixels, UV outside [0, 1], mask size)
+    go through ``checks``: immediate on NumPy, read with the result on CuPy (maps already
+    on the device stay there). :func:`p3dmm.fitting.fit_batch` runs the same checks on
+    the stacked maps of same-size images (:func:`stack_maps`, :func:`map_checks`).
+    """
+    check_observation(obs, model)
+    uv, normals, mask = stack_maps([obs], xp)
+    counts, normals, uv = map_checks(uv, normals, mask)
+    require_maps(checks, counts[:, 0], config)
+    return normals[0], uv[0], mask[0]
+
+
+# ======================================================================= the UV atlas
+#: Texels per side of the atlas coverage image :func:`atlas_pixels` reads (2 texels of margin).
+ATLAS_RESOLUTION = 512
+
+#: (layout, array module) -> the coverage image on that device (one upload per layout)
+_DEVICE_COVERAGE: dict[tuple[int, int], tuple[FlameUV, Any, Any]] = {}
+
+
+def _device_coverage(uv: FlameUV, xp: Any) -> Any:
+    cov = uv.coverage(ATLAS_RESOLUTION)
+    if xp is np:
+        return cov
+    key = (id(uv), id(xp))
+    hit = _DEVICE_COVERAGE.get(key)
+    # the stored objects keep both ids valid; the identity checks guard against a reused id
+    if hit is None or hit[0] is not uv or hit[1] is not xp:
+        hit = (uv, xp, asarray_on(xp, cov))
+        _DEVICE_COVERAGE[key] = hit
+    return hit[2]
+
+
+def atlas_pixels(layout: FlameUV, uv_map: Any, mask: Any) -> Any:
+    """Device count of the mask pixels whose UV lies on the model's UV atlas
+    (:meth:`~p3dmm.fitting.model.arrays.FlameUV.coverage` at :data:`ATLAS_RESOLUTION`):
+    ``(...)`` for ``(..., H, W, 2)`` maps and ``(..., H, W)`` masks."""
+    xp = get_array_module(mask)
+    cov = _device_coverage(layout, xp)
+    R = ATLAS_RESOLUTION
+    # every pixel, masked afterwards: boolean indexing would read its size back from the GPU
+    col = xp.clip((uv_map[..., 0] * R).astype(xp.int64), 0, R - 1)
+    row = xp.clip(((1.0 - uv_map[..., 1]) * R).astype(xp.int64), 0, R - 1)
+    return (cov[row, col] & mask).sum((-2, -1))

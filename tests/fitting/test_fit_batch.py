@@ -8,7 +8,9 @@ captured) so that these checks mean something without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
 import warnings
 from pathlib import Path
 
@@ -88,6 +90,92 @@ def test_fit_batch_reports_the_bad_item_and_goes_on(head: FlameModel) -> None:
     assert "observations[1]" in " ".join(ei.value.__notes__)
     with pytest.raises(InputError, match="errors="):
         fit_batch(obs, head, CFG, errors="ignore")
+
+
+def _fresh_result_evaluation(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Make each result evaluate its state afresh (forward pass and render) instead of reusing
+    the solver's; returns a list recording, per result, whether the solver had kept one."""
+    from p3dmm.fitting.fitter import fit as fit_module
+
+    kept: list[bool] = []
+    original = fit_module._result_arrays
+
+    def fresh(problem, state, *args, **kwargs):
+        kept.append(problem.evaluated is not None and problem.evaluated[0] is state)
+        problem.evaluated = None
+        return original(problem, state, *args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "_result_arrays", fresh)
+    return kept
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_results_reuse_the_solvers_render_of_the_best_state(
+    tmp_path: Path, head: FlameModel, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fast fit's result takes the vertices and render of its best state from the solver:
+    they give exactly the energies, vertices and quality of a fresh evaluation."""
+    from p3dmm.fitting.fitter import fit as fit_module
+
+    monkeypatch.setattr(fit_module, "_CPU_CHUNK", 8)
+    model = head.astype(np.dtype("float64"))
+    obs = _observations(head)
+    runs = {}
+    for reuse in (True, False):
+        with monkeypatch.context() as m:
+            kept = [] if reuse else _fresh_result_evaluation(m)
+            with emulated_cuda(tmp_path / str(reuse)) if device == "cuda" else contextlib.nullcontext():
+                runs[reuse] = fit_batch(obs, model, CFG, device=device)
+        if not reuse:
+            assert kept == [True] * len(obs), "the solver should have kept each best state's render"
+    for a, b in zip(runs[True], runs[False]):
+        _same(a, b)
+        assert a.energies == b.energies and a.quality == b.quality
+
+
+@pytest.mark.parametrize("path", ["cpu", "cpu_batched", "cuda"])
+def test_a_mixed_batch_reports_each_bad_item_and_fits_the_rest(
+    tmp_path: Path, head: FlameModel, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stacked preparation (images grouped by map size, checks run on the stack) gives
+    each bad image its own error and each good one its own fit, on every path: NaN and
+    out-of-range UV inside the mask, an empty mask, mismatched shapes, and a second map size."""
+    from p3dmm.fitting.fitter import fit as fit_module
+
+    if path == "cpu_batched":
+        monkeypatch.setattr(fit_module, "_CPU_CHUNK", 8)
+    model = head.astype(np.dtype("float64"))
+    good = _observations(head, 2)
+    from p3dmm.runtime.demo import demo_params
+
+    p = demo_params(head, seed=5)
+    cam = Camera.frontal(distance=1.0, focal=1200.0 * 64 / 512, width=64, height=64)
+    m = render_maps(head, p, cam, size=64, rgb=False)
+    small = Observation(normals=m.normals, uv=m.uv, mask=m.mask)
+    o = good[0]
+    nan_normals = o.normals.copy()
+    nan_normals[np.argwhere(o.mask)[0][0], np.argwhere(o.mask)[0][1]] = np.nan
+    uv_raw = o.uv * 2.0 - 1.0  # a raw [-1, 1] network output
+    batch = [
+        good[0],
+        Observation(normals=o.normals, uv=o.uv, mask=np.zeros_like(o.mask)),  # empty mask
+        small,
+        Observation(normals=nan_normals, uv=o.uv, mask=o.mask),
+        Observation(normals=o.normals[:10], uv=o.uv, mask=o.mask),  # mismatched shapes
+        Observation(normals=o.normals, uv=uv_raw, mask=o.mask),
+        good[1],
+    ]
+    with emulated_cuda(tmp_path) if path == "cuda" else contextlib.nullcontext():
+        res = fit_batch(batch, model, CFG, device="cuda" if path == "cuda" else "cpu", errors="return")
+    expected = {1: (FittingError, "min_mask_pixels"), 3: (InputError, "NaN/inf"), 4: (InputError, "shape"),
+                5: (InputError, r"outside \[0, 1\]")}  # fmt: skip
+    for i, (kind, pattern) in expected.items():
+        assert isinstance(res[i], kind), (i, res[i])
+        assert re.search(pattern, str(res[i])), (i, str(res[i]))
+        assert f"observations[{i}]" in " ".join(res[i].__notes__)
+    for i, ob in ((0, good[0]), (2, small), (6, good[1])):
+        _same(res[i], fit(ob, model, CFG), tol=1e-6)
+        assert res[i].camera.width == ob.mask.shape[1]
 
 
 def test_fit_batch_on_the_emulated_device_matches_the_cpu(tmp_path: Path, head: FlameModel) -> None:
