@@ -43,8 +43,8 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
         "int32", "i32", "i32", "float64", "float64", "int64", "int32", "i32", "i32", "i32", "uint64",
     ),  # fmt: skip
     "resolve_pixels": ("uint64", "int32", "float64", "float64", "i32", "i32", "int32", "float32", "float32"),
-    "uvnn_bin_pixels": ("float32", "uint8", "i32", "int32", "int64"),
-    "uvnn_search": ("float32", "i32", "float32", "int32", "int32", "int32", "float32"),
+    "uvnn_bin_pixels": ("float32", "uint8", "i32", "i32", "int32", "int64"),
+    "uvnn_search": ("float32", "i32", "i32", "float32", "i32", "int32", "int32", "int32", "float32"),
     # base/rotation.cu
     **_float_variants("rot_", {
         "rodrigues": ("T", "i32", "T"),

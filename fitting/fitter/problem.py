@@ -351,8 +351,9 @@ def prepare_problems(
     error of a bad image (the others go on).
 
     The host checks run per image; the images of each map size are then stacked, and their
-    data checks, masking, UV-atlas counts and normal downsampling run once for the stack.
-    The UV correspondences are searched per image.
+    data checks, masking, UV-atlas counts, normal downsampling and UV correspondence
+    search (:func:`~.uv_nn.uv_targets` of the stack: on CuPy one set of launches) run
+    once for the stack.
     """
     out: list[Any] = [None] * len(observations)
     groups: dict[tuple[int, int], list[int]] = {}
@@ -380,18 +381,21 @@ def prepare_problems(
         n_s = n_s.astype(dtype)
         f0, pp0 = camera_start(config, (H, W))
         pp0_d = constant(xp, pp0, dtype)
+        # ------------------------------------------------------------ correspondences
+        pix_s, valid_s = uv_targets(query, uv_s, mask_s, config.delta_uv_sq)  # one search launch for the stack
+        # all queried vertices keep their row (fixed shapes on the device); `valid` masks them
+        pixels_s = xp.where(valid_s[..., None], pix_s, 0.0).astype(dtype)
+        n_valid_s = valid_s.sum(axis=1)
+        n_valid_s = n_valid_s.tolist() if xp is np else n_valid_s.astype(dtype)
         t_group = (time.perf_counter() - t0) / len(idx)
         for j, i in enumerate(idx):
             t0 = time.perf_counter()
             obs = observations[i]
             checks = DeviceChecks(xp)
             uv_d, mask_d = uv_s[j], mask_s[j]
+            n_valid = n_valid_s[j]
             try:
                 require_maps(checks, counts[:, j], config)
-                # ------------------------------------------------------------ correspondences
-                pix, valid = uv_targets(query, uv_d, mask_d, config.delta_uv_sq)
-                n_valid = valid.sum()
-                n_valid = int(n_valid) if xp is np else n_valid.astype(dtype)
                 checks.require(
                     n_valid,
                     lambda n: n >= min_t,
@@ -404,13 +408,7 @@ def prepare_problems(
             except P3DMMError as e:
                 out[i] = e
                 continue
-            # all queried vertices keep their row (fixed shapes on the device); `valid` masks them
-            uvt = UVTargets(
-                vertex_ids=ids_d,
-                pixels=xp.where(valid[:, None], pix, 0.0).astype(dtype),
-                n_targets=n_valid,
-                valid=valid,
-            )
+            uvt = UVTargets(vertex_ids=ids_d, pixels=pixels_s[j], n_targets=n_valid, valid=valid_s[j])
             ntg = NormalTargets(normals=n_s[j], mask=m_s[j], space=obs.normal_space)
             prior = None if obs.shape_prior is None else asarray_on(xp, obs.shape_prior, dtype)
             problem = FitProblem(

@@ -35,25 +35,32 @@ __device__ __forceinline__ int uvnn_cell_coord(float x) {
     return (int)t;
 }
 
-// Bin every pixel: valid pixels (mask set, both UV channels finite) go to cell
-// cy * G + cx, invalid ones to the sentinel cell G * G. Writes per-cell counts
-// (cell_counts has G * G + 1 entries, zeroed by the caller) and the sort key
-// cell * n + pixel, whose ascending order is the stable counting-sort order.
-extern "C" __global__ void uvnn_bin_pixels(const float* __restrict__ uv,             // (n, 2)
-                                           const unsigned char* __restrict__ mask,   // (n,)
+// Bin every pixel of a stack of nb images of n pixels each (total = nb * n; nb = 1 for a
+// single map): a valid pixel (mask set, both UV channels finite) of image b goes to cell
+// b * (G*G + 1) + cy * G + cx, an invalid one to its image's sentinel cell
+// b * (G*G + 1) + G*G. Writes per-cell counts (cell_counts has nb * (G*G + 1) entries,
+// zeroed by the caller) and the sort key cell * n + pixel (pixel: the index within its
+// image), whose ascending order is the stable counting-sort order of each image, the
+// images one after the other.
+extern "C" __global__ void uvnn_bin_pixels(const float* __restrict__ uv,             // (total, 2)
+                                           const unsigned char* __restrict__ mask,   // (total,)
                                            int n,
-                                           int* __restrict__ cell_counts,            // (G*G+1,)
-                                           long long* __restrict__ keys) {           // (n,)
+                                           int total,
+                                           int* __restrict__ cell_counts,            // (nb*(G*G+1),)
+                                           long long* __restrict__ keys) {           // (total,)
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
+    if (i >= total) return;
+    int b = i / n;
+    int pixel = i - b * n;
     float u = uv[2 * i];
     float v = uv[2 * i + 1];
     int cell = UVNN_NUM_CELLS;
     if (mask[i] != 0 && uvnn_isfinite(u) && uvnn_isfinite(v)) {
         cell = uvnn_cell_coord(v) * UVNN_G + uvnn_cell_coord(u);
     }
+    cell += b * (UVNN_NUM_CELLS + 1);
     atomicAdd(&cell_counts[cell], 1);
-    keys[i] = (long long)cell * (long long)n + (long long)i;
+    keys[i] = (long long)cell * (long long)n + (long long)pixel;
 }
 
 // Scan one cell, keeping the float32-nearest pixel with the lowest-index tie-break.
@@ -82,23 +89,32 @@ __device__ __forceinline__ void uvnn_visit_cell(int c, float qx, float qy,
 // fl(gap * gap) with gap = fl(real gap) (side positions c / G are exact). Sides with no
 // cells beyond them are skipped, which keeps the rule correct for queries outside [0,1].
 // Stop when that bound is strictly above the best d (an equal d may still win on index).
+// The queries are shared by the nb images of the stack: thread i searches query i % nq
+// in image i / nq (whose pixels start at uv + 2 * b * n and whose cells start at
+// cell_start + b * (G*G + 1); cell_pix holds pixel indices within the image).
 extern "C" __global__ void uvnn_search(const float* __restrict__ query,      // (nq, 2)
                                        int nq,
-                                       const float* __restrict__ uv,         // (n, 2)
-                                       const int* __restrict__ cell_start,   // (G*G+2,)
-                                       const int* __restrict__ cell_pix,     // (n,)
-                                       int* __restrict__ out_idx,            // (nq,)
-                                       float* __restrict__ out_dist) {       // (nq,)
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= nq) return;
+                                       int nb,
+                                       const float* __restrict__ uv_all,     // (nb, n, 2)
+                                       int n,
+                                       const int* __restrict__ cell_start_all,  // (nb*(G*G+1)+1,)
+                                       const int* __restrict__ cell_pix,     // (nb*n,)
+                                       int* __restrict__ out_idx,            // (nb, nq)
+                                       float* __restrict__ out_dist) {       // (nb, nq)
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= nq * nb) return;
+    int b = t / nq;
+    int i = t - b * nq;
+    const float* __restrict__ uv = uv_all + 2 * (long long)b * n;
+    const int* __restrict__ cell_start = cell_start_all + (long long)b * (UVNN_NUM_CELLS + 1);
     const float inv_g = 1.0f / (float)UVNN_G;  // exact: G is a power of two
     float qx = query[2 * i];
     float qy = query[2 * i + 1];
     float best = UVNN_INF;
     int bestp = -1;
     if (!(uvnn_isfinite(qx) && uvnn_isfinite(qy))) {
-        out_idx[i] = bestp;
-        out_dist[i] = best;
+        out_idx[t] = bestp;
+        out_dist[t] = best;
         return;
     }
     int qcx = uvnn_cell_coord(qx);
@@ -128,6 +144,6 @@ extern "C" __global__ void uvnn_search(const float* __restrict__ query,      // 
             }
         }
     }
-    out_idx[i] = bestp;
-    out_dist[i] = best;
+    out_idx[t] = bestp;
+    out_dist[t] = best;
 }

@@ -34,6 +34,7 @@ Exact semantics (all methods):
 from __future__ import annotations
 
 import functools
+import math
 from types import ModuleType
 from typing import Any
 
@@ -72,7 +73,9 @@ def _check_inputs(fn: str, query_uv: Any, uv_map: Any, mask: Any) -> tuple[Modul
     Returns:
         ``(xp, query (Q, 2) float32, uv (H*W, 2) float32, valid (H*W,) bool, H, W)``,
         all C-contiguous on the array module ``xp`` of the inputs; ``valid`` is
-        ``mask`` with non-finite UV pixels removed.
+        ``mask`` with non-finite UV pixels removed. For a stack of maps (``uv_map``
+        ``(B, H, W, 2)``, ``mask`` ``(B, H, W)``) ``uv`` is ``(B, H*W, 2)`` and ``valid``
+        ``(B, H*W)``.
     """
     xp = get_array_module(query_uv, uv_map, mask)
     q = asarray_on(xp, query_uv)
@@ -80,24 +83,25 @@ def _check_inputs(fn: str, query_uv: Any, uv_map: Any, mask: Any) -> tuple[Modul
     m = asarray_on(xp, mask)
     if q.ndim != 2 or q.shape[1] != 2:
         raise InputError(f"{fn}: query_uv has shape {tuple(q.shape)}, expected (Q, 2)")
-    if uv.ndim != 3 or uv.shape[2] != 2:
+    if uv.ndim not in (3, 4) or uv.shape[-1] != 2:
         raise InputError(
-            f"{fn}: uv_map has shape {tuple(uv.shape)}, expected (H, W, 2) channels-last "
-            "(transpose a (2, H, W) network output with .transpose(1, 2, 0))"
+            f"{fn}: uv_map has shape {tuple(uv.shape)}, expected (H, W, 2) channels-last, or a stack "
+            "(B, H, W, 2) (transpose a (2, H, W) network output with .transpose(1, 2, 0))"
         )
-    h, w = int(uv.shape[0]), int(uv.shape[1])
-    if tuple(m.shape) != (h, w):
-        raise InputError(f"{fn}: mask has shape {tuple(m.shape)}, expected (H, W) = ({h}, {w}) like uv_map")
+    lead = tuple(int(n) for n in uv.shape[:-3])
+    h, w = int(uv.shape[-3]), int(uv.shape[-2])
+    if tuple(m.shape) != (*lead, h, w):
+        raise InputError(f"{fn}: mask has shape {tuple(m.shape)}, expected {(*lead, h, w)} like uv_map")
     for name, a in (("query_uv", q), ("uv_map", uv)):
         if a.dtype.kind != "f":
             raise InputError(f"{fn}: {name} has dtype {a.dtype}, expected a floating dtype (float32)")
     if m.dtype != np.bool_:
         raise InputError(f"{fn}: mask has dtype {m.dtype}, expected bool (e.g. mask_prob > 0.5)")
-    if h * w >= _INT32_MAX:
-        raise InputError(f"{fn}: uv_map has {h * w} pixels, at most {_INT32_MAX - 1} are supported")
+    if math.prod(lead) * h * w >= _INT32_MAX:
+        raise InputError(f"{fn}: uv_map has {math.prod(lead) * h * w} pixels, at most {_INT32_MAX - 1} are supported")
     q = xp.ascontiguousarray(q, dtype=xp.float32)
-    uv = xp.ascontiguousarray(uv, dtype=xp.float32).reshape(h * w, 2)
-    valid = m.reshape(h * w) & xp.isfinite(uv[:, 0]) & xp.isfinite(uv[:, 1])
+    uv = xp.ascontiguousarray(uv, dtype=xp.float32).reshape(*lead, h * w, 2)
+    valid = m.reshape(*lead, h * w) & xp.isfinite(uv[..., 0]) & xp.isfinite(uv[..., 1])
     return xp, q, uv, valid, h, w
 
 
@@ -126,9 +130,10 @@ def uv_nearest_pixels(
         query_uv: ``(Q, 2) float32`` query UVs (FLAME template UVs of the vertices).
             Any value is allowed; UVs outside [0, 1] are fine. Other floating dtypes
             (here and in ``uv_map``) are rounded to float32 first.
-        uv_map: ``(H, W, 2) float32`` predicted UV map, channels-last (u, v). NaN/inf
-            pixels are treated as unmasked.
-        mask: ``(H, W) bool`` pixels that may be matched.
+        uv_map: ``(H, W, 2) float32`` predicted UV map, channels-last (u, v), or a stack
+            ``(B, H, W, 2)`` of maps searched each on its own (on CuPy in one set of
+            launches for the stack). NaN/inf pixels are treated as unmasked.
+        mask: ``(H, W) bool`` pixels that may be matched (``(B, H, W)`` for a stack).
         method: ``"auto"`` (``"kdtree"`` for NumPy inputs, ``"cuda"`` for CuPy),
             ``"kdtree"`` / ``"grid"`` (NumPy only), ``"cuda"`` (CuPy only) or
             ``"bruteforce"`` (either). All return identical results.
@@ -139,7 +144,7 @@ def uv_nearest_pixels(
         ``(pixel_index, sq_dist)``: ``(Q,) int32`` flat row-major pixel index
         ``row * W + col`` (``-1`` where no candidate exists) and ``(Q,) float32`` its
         squared UV distance (``+inf`` where the index is ``-1``), on the inputs' array
-        module.
+        module; ``(B, Q)`` each for a stack.
 
     Raises:
         InputError: wrong shape/dtype, unknown method, a method the array module cannot
@@ -159,14 +164,25 @@ def uv_nearest_pixels(
         raise InputError(f"{fn}: method='cuda' needs CuPy arrays; got NumPy arrays (use 'kdtree' or 'grid')")
     if method == "cuda":
         return _cuda_search(q, uv, valid, g)
-    # huge UVs overflow float32 squared distances to +inf by design (as on the GPU)
-    with np.errstate(over="ignore", invalid="ignore"):
-        if method == "bruteforce":
-            return _bruteforce(xp, q, uv, valid)
-        if method == "kdtree":
-            return _kdtree_search(q, uv, valid)
-        cell_start, cell_pix = build_uv_grid_reference(uv, valid, g)
-        return _grid_search_reference(q, uv, cell_start, cell_pix, g)
+
+    def one(uv: Any, valid: Any) -> tuple[Any, Any]:
+        # huge UVs overflow float32 squared distances to +inf by design (as on the GPU)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if method == "bruteforce":
+                return _bruteforce(xp, q, uv, valid)
+            if method == "kdtree":
+                return _kdtree_search(q, uv, valid)
+            cell_start, cell_pix = build_uv_grid_reference(uv, valid, g)
+            return _grid_search_reference(q, uv, cell_start, cell_pix, g)
+
+    return one(uv, valid) if uv.ndim == 2 else _stacked(xp, [one(uv[b], valid[b]) for b in range(uv.shape[0])], q)
+
+
+def _stacked(xp: ModuleType, results: list[tuple[Any, Any]], q: Any) -> tuple[Any, Any]:
+    """The per-image ``(pixel_index, sq_dist)`` of a stack of maps as ``(B, Q)`` arrays."""
+    if not results:
+        return xp.zeros((0, q.shape[0]), dtype=xp.int32), xp.zeros((0, q.shape[0]), dtype=xp.float32)
+    return xp.stack([r[0] for r in results]), xp.stack([r[1] for r in results])
 
 
 def uv_nearest_pixels_bruteforce(
@@ -176,8 +192,9 @@ def uv_nearest_pixels_bruteforce(
 
     Args:
         query_uv: ``(Q, 2) float32`` query UVs.
-        uv_map: ``(H, W, 2) float32`` UV map; NaN/inf pixels count as unmasked.
-        mask: ``(H, W) bool``.
+        uv_map: ``(H, W, 2) float32`` UV map (or a ``(B, H, W, 2)`` stack); NaN/inf
+            pixels count as unmasked.
+        mask: ``(H, W) bool`` (``(B, H, W)``).
         chunk_elems: at most this many query-pixel pairs are held at once.
 
     Returns:
@@ -185,7 +202,9 @@ def uv_nearest_pixels_bruteforce(
     """
     xp, q, uv, valid, _, _ = _check_inputs("uv_nearest_pixels_bruteforce", query_uv, uv_map, mask)
     with np.errstate(over="ignore", invalid="ignore"):
-        return _bruteforce(xp, q, uv, valid, chunk_elems=chunk_elems)
+        if uv.ndim == 2:
+            return _bruteforce(xp, q, uv, valid, chunk_elems=chunk_elems)
+        return _stacked(xp, [_bruteforce(xp, q, uv[b], valid[b], chunk_elems) for b in range(uv.shape[0])], q)
 
 
 def uv_targets(
@@ -201,8 +220,9 @@ def uv_targets(
 
     Args:
         query_uv: ``(Q, 2) float32`` FLAME template UVs of the vertices.
-        uv_map: ``(H, W, 2) float32`` predicted UV map (NaN pixels are unmasked).
-        mask: ``(H, W) bool`` pixels that may be matched.
+        uv_map: ``(H, W, 2) float32`` predicted UV map (NaN pixels are unmasked), or a
+            ``(B, H, W, 2)`` stack (see :func:`uv_nearest_pixels`).
+        mask: ``(H, W) bool`` pixels that may be matched (``(B, H, W)``).
         delta_uv_sq: a correspondence is valid iff its squared UV distance is
             ``< delta_uv_sq`` (compared in float32).
         method, grid_size: as :func:`uv_nearest_pixels`.
@@ -210,17 +230,17 @@ def uv_targets(
     Returns:
         ``(pixel_xy, valid)``: ``(Q, 2) float32`` pixel coordinates ``(x = col,
         y = row)`` of the nearest pixel (``(-1, -1)`` where there is none), and
-        ``(Q,) bool`` validity.
+        ``(Q,) bool`` validity; ``(B, Q, 2)`` and ``(B, Q)`` for a stack.
     """
     if not np.isfinite(delta_uv_sq) or delta_uv_sq < 0:
         raise InputError(f"uv_targets: delta_uv_sq must be a finite number >= 0, got {delta_uv_sq!r}")
     idx, d = uv_nearest_pixels(query_uv, uv_map, mask, method=method, grid_size=grid_size)
     xp = get_array_module(idx)
-    w = int(np.shape(uv_map)[1])
+    w = int(np.shape(uv_map)[-2])
     found = idx >= 0
     col = xp.where(found, idx % w, -1)
     row = xp.where(found, idx // w, -1)
-    pixel_xy = xp.stack([col, row], axis=1).astype(xp.float32)
+    pixel_xy = xp.stack([col, row], axis=-1).astype(xp.float32)
     valid = found & (d < xp.float32(delta_uv_sq))
     return pixel_xy, valid
 
@@ -477,31 +497,38 @@ def _cuda_build_grid(uv: Any, valid: Any, grid_size: int) -> tuple[Any, Any]:
     """GPU counting sort of the valid pixels; same layout as :func:`build_uv_grid_reference`.
 
     Args:
-        uv: ``(N, 2) float32`` CuPy flat UV map (C-contiguous).
-        valid: ``(N,) bool`` CuPy.
+        uv: ``(N, 2) float32`` CuPy flat UV map (C-contiguous), or a ``(B, N, 2)`` stack.
+        valid: ``(N,) bool`` CuPy (``(B, N)``).
         grid_size: ``G``, a power of two (compile-time ``UVNN_GRID_SIZE``).
 
     Returns:
         ``(cell_start (G*G + 2,) int32, cell_pix (N,) int32)`` CuPy arrays, bit-identical
-        to the CPU reference.
+        to the CPU reference. For a stack the images' grids follow each other:
+        ``cell_start`` has ``B * (G*G + 1) + 1`` entries (image ``b``'s cells start at
+        ``b * (G*G + 1)``; its last, the invalid pixels' cell, is followed by the next
+        image's first) indexing one ``(B*N,)`` ``cell_pix`` of per-image pixel indices,
+        so image ``b``'s slice is exactly its own grid offset by ``b * N``.
     """
     import cupy as cp
 
 
     g = grid_size
-    n = int(uv.shape[0])
+    n = int(uv.shape[-2])
+    nb = int(math.prod(uv.shape[:-2]))
+    total = nb * n
     mod = cuda.load_module("p3dmm.fitting.fitter", "uv_nn", defines={"UVNN_GRID_SIZE": g})
     valid_u8 = cp.ascontiguousarray(valid).view(cp.uint8)
     # Per-cell counts (atomics; counts do not depend on thread order), an exclusive scan,
-    # and a deterministic scatter: sorting the distinct keys cell * N + pixel gives exactly
-    # the stable counting-sort order (ascending pixel within a cell) whatever order the
-    # GPU threads ran in, which an atomic-cursor scatter would not.
-    counts = cp.zeros(g * g + 1, dtype=cp.int32)
-    keys = cp.empty(n, dtype=cp.int64)
+    # and a deterministic scatter: sorting the distinct keys (b * (G*G+1) + cell) * N +
+    # pixel gives exactly the stable counting-sort order of each image, the images one
+    # after the other, whatever order the GPU threads ran in, which an atomic-cursor
+    # scatter would not.
+    counts = cp.zeros(nb * (g * g + 1), dtype=cp.int32)
+    keys = cp.empty(total, dtype=cp.int64)
     mod.get_function("uvnn_bin_pixels")(
-        ((n + _BLOCK - 1) // _BLOCK,), (_BLOCK,), (uv, valid_u8, np.int32(n), counts, keys)
+        ((total + _BLOCK - 1) // _BLOCK,), (_BLOCK,), (uv, valid_u8, np.int32(n), np.int32(total), counts, keys)
     )
-    cell_start = cp.zeros(g * g + 2, dtype=cp.int32)
+    cell_start = cp.zeros(nb * (g * g + 1) + 1, dtype=cp.int32)
     cell_start[1:] = cp.cumsum(counts)  # exclusive scan: cell_start[c] = sum(counts[:c])
     cell_pix = (cp.sort(keys) % np.int64(n)).astype(cp.int32)
     return cell_start, cell_pix
@@ -513,26 +540,30 @@ def _cuda_search(q: Any, uv: Any, valid: Any, grid_size: int) -> tuple[Any, Any]
 
     Args:
         q: ``(Q, 2) float32`` CuPy queries (C-contiguous).
-        uv: ``(N, 2) float32`` CuPy flat UV map (C-contiguous).
-        valid: ``(N,) bool`` CuPy.
+        uv: ``(N, 2) float32`` CuPy flat UV map (C-contiguous), or a ``(B, N, 2)`` stack
+            (one bin, sort and search launch for the whole stack).
+        valid: ``(N,) bool`` CuPy (``(B, N)``).
         grid_size: ``G``, a power of two.
 
     Returns:
-        ``(pixel_index (Q,) int32, sq_dist (Q,) float32)`` CuPy arrays.
+        ``(pixel_index (Q,) int32, sq_dist (Q,) float32)`` CuPy arrays (``(B, Q)`` each
+        for a stack).
     """
     import cupy as cp
 
 
     nq = int(q.shape[0])
-    out_idx = cp.full((nq,), -1, dtype=cp.int32)
-    out_d = cp.full((nq,), cp.inf, dtype=cp.float32)
-    if nq == 0 or int(uv.shape[0]) == 0:
+    lead = tuple(int(b) for b in uv.shape[:-2])
+    nb = int(math.prod(lead))
+    out_idx = cp.full((*lead, nq), -1, dtype=cp.int32)
+    out_d = cp.full((*lead, nq), cp.inf, dtype=cp.float32)
+    if nq == 0 or nb * int(uv.shape[-2]) == 0:
         return out_idx, out_d
     cell_start, cell_pix = _cuda_build_grid(uv, valid, grid_size)
     mod = cuda.load_module("p3dmm.fitting.fitter", "uv_nn", defines={"UVNN_GRID_SIZE": grid_size})
     mod.get_function("uvnn_search")(
-        ((nq + _BLOCK - 1) // _BLOCK,),
+        ((nb * nq + _BLOCK - 1) // _BLOCK,),
         (_BLOCK,),
-        (q, np.int32(nq), uv, cell_start, cell_pix, out_idx, out_d),
+        (q, np.int32(nq), np.int32(nb), uv, np.int32(uv.shape[-2]), cell_start, cell_pix, out_idx, out_d),
     )
     return out_idx, out_d

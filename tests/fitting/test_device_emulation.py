@@ -126,6 +126,14 @@ def test_uv_targets_on_emulated_device(tmp_path: Path, head: FlameModel) -> None
         assert_array_equal(valid.get(), cpu_valid)
         assert_array_equal(pix.get(), cpu_pix)
         assert rec.syncs == [] and rec.host.launches == ["uvnn_bin_pixels", "uvnn_search"]
+        # a stack of maps: one bin and one search launch for all of them
+        uvs, masks = np.stack([obs.uv, obs.uv[:, ::-1]]), np.stack([obs.mask, obs.mask[:, ::-1]])
+        pix_s, valid_s = uv_targets(cp.asarray(q), cp.asarray(uvs), cp.asarray(masks))
+        assert rec.host.launches[2:] == ["uvnn_bin_pixels", "uvnn_search"]
+        for b in range(2):
+            ref_pix, ref_valid = uv_targets(q, uvs[b], masks[b])
+            assert_array_equal(valid_s[b].get(), ref_valid)
+            assert_array_equal(pix_s[b].get(), ref_pix)
     assert cpu_valid.sum() > 300
 
 

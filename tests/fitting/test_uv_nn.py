@@ -264,6 +264,52 @@ def test_grid_reference_direct_call() -> None:
     assert_same(uv_nearest_pixels_bruteforce(q, uv, mask), _grid_search_reference(q, flat, start, pix, 8), "direct")
 
 
+def _stack_cases(h: int = 30, w: int = 34) -> tuple[np.ndarray, np.ndarray]:
+    """A stack of same-size maps: random, quantised (ties), an empty mask, an all-NaN map."""
+    uvs, masks = [], []
+    for seed in (3, 4):
+        uv, mask = random_map(h, w, seed)
+        uvs.append(uv)
+        masks.append(mask)
+    uvs.append((np.round(uvs[0] * 8) / 8).astype(np.float32))
+    masks.append(masks[1])
+    uvs.append(uvs[1])
+    masks.append(np.zeros((h, w), bool))
+    uvs.append(np.full((h, w, 2), np.nan, np.float32))
+    masks.append(np.ones((h, w), bool))
+    return np.stack(uvs), np.stack(masks)
+
+
+@pytest.mark.parametrize("method", ["kdtree", "grid", "bruteforce"])
+def test_a_stack_of_maps_is_searched_image_by_image(method: str) -> None:
+    """``(B, H, W, 2)`` maps: each row of the ``(B, Q)`` result is that map's own search."""
+    uvs, masks = _stack_cases()
+    q = queries_for(uvs[0], masks[0], 150, 11)
+    idx, d = uv_nearest_pixels(q, uvs, masks, method=method, grid_size=8)
+    assert idx.shape == d.shape == (len(uvs), len(q))
+    for b in range(len(uvs)):
+        assert_same(uv_nearest_pixels_bruteforce(q, uvs[b], masks[b]), (idx[b], d[b]), f"{method} image {b}")
+    assert_same(uv_nearest_pixels_bruteforce(q, uvs, masks), (idx, d), f"{method} vs stacked brute force")
+    assert (idx[3] == -1).all() and (idx[4] == -1).all() and (idx[0] >= 0).all()
+    xy, valid = uv_targets(q, uvs, masks, delta_uv_sq=2e-4)
+    assert xy.shape == (len(uvs), len(q), 2) and valid.shape == (len(uvs), len(q))
+    for b in range(len(uvs)):
+        xy_b, valid_b = uv_targets(q, uvs[b], masks[b], delta_uv_sq=2e-4)
+        np.testing.assert_array_equal(xy[b], xy_b)
+        np.testing.assert_array_equal(valid[b], valid_b)
+    empty = uv_nearest_pixels(q, uvs[:0], masks[:0])
+    assert empty[0].shape == (0, len(q)) and empty[0].dtype == np.int32
+
+
+def test_a_stack_needs_masks_of_its_shape() -> None:
+    uvs, masks = _stack_cases(6, 7)
+    q = np.zeros((2, 2), np.float32)
+    with pytest.raises(InputError, match=r"mask has shape \(6, 7\), expected \(5, 6, 7\)"):
+        uv_nearest_pixels(q, uvs, masks[0])
+    with pytest.raises(InputError, match=r"uv_map.*\(B, H, W, 2\)"):
+        uv_nearest_pixels(q, uvs[None], masks[None])
+
+
 # ---------------------------------------------------------------- uv_targets
 def test_uv_targets_pixel_coordinates_and_threshold() -> None:
     uv = np.full((3, 5, 2), 0.9, dtype=np.float32)
@@ -382,3 +428,14 @@ def test_cuda_empty_mask_and_targets() -> None:
     xy_g, ok_g = uv_targets(cp.asarray(qn), cp.asarray(uv2), cp.asarray(mask2))
     np.testing.assert_array_equal(xy_c, xy_g.get())
     np.testing.assert_array_equal(ok_c, ok_g.get())
+
+
+@pytest.mark.gpu
+def test_cuda_searches_a_stack_in_one_launch_like_the_cpu() -> None:
+    import cupy as cp
+
+    uvs, masks = _stack_cases(48, 40)
+    q = queries_for(uvs[0], masks[0], 300, 4)
+    got = uv_nearest_pixels(cp.asarray(q), cp.asarray(uvs), cp.asarray(masks))
+    for b in range(len(uvs)):
+        assert_same(uv_nearest_pixels_bruteforce(q, uvs[b], masks[b]), (got[0][b].get(), got[1][b].get()), f"image {b}")

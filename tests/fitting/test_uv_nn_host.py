@@ -149,6 +149,31 @@ def _cases() -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     return cases
 
 
+@pytest.mark.parametrize("grid_size", (1, 8))
+def test_cuda_source_searches_a_stack_like_each_map_on_its_own(host_cuda: HostCuda, grid_size: int) -> None:
+    """One bin, sort and search launch for B maps: image b's slice of the stacked grid is
+    its own grid (offset by its place in the stack) and its results its own search's."""
+    from .test_uv_nn import _stack_cases
+
+    g = grid_size
+    uvs, masks = _stack_cases()
+    query = queries_for(uvs[0], masks[0], 200, 31)
+    _, q, uv, valid, _, _ = _check_inputs("host", query, uvs, masks)
+    assert uv.shape == (len(uvs), 30 * 34, 2)
+    with cupy_on_host(host_cuda):
+        cell_start, cell_pix = _cuda_build_grid(uv, valid, g)
+        got = _cuda_search(q, uv, valid, g)
+    n, cells = uv.shape[1], g * g + 1
+    assert cell_start.shape == (len(uvs) * cells + 1,) and cell_pix.shape == (len(uvs) * n,)
+    for b in range(len(uvs)):
+        ref_start, ref_pix = build_uv_grid_reference(uv[b], valid[b], g)
+        assert_array_equal(cell_start[b * cells : (b + 1) * cells + 1] - b * n, ref_start, err_msg=f"cell_start {b}")
+        assert_array_equal(cell_pix[b * n : (b + 1) * n], ref_pix, err_msg=f"cell_pix {b}")
+        ref = uv_nearest_pixels_bruteforce(query, uvs[b], masks[b])
+        assert_same(ref, (got[0][b], got[1][b]), f"stacked host CUDA vs brute force, image {b} G={g}")
+    assert host_cuda.launches.count("uvnn_search") == 1
+
+
 @pytest.mark.parametrize("grid_size", HOST_GRID_SIZES)
 def test_cuda_source_matches_cpu_on_the_host(host_cuda: HostCuda, grid_size: int) -> None:
     g = grid_size
