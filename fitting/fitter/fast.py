@@ -514,7 +514,7 @@ def solve_fast_batch(problems: list[FitProblem], states: list[FitState]) -> tupl
     """:func:`solve_fast` of several images at once (one set of launches; see :func:`levenberg_marquardt`)."""
     cfg = problems[0].config
     normals = [strided_normals(p.normals, cfg.fast_normal_stride) for p in problems]
-    return levenberg_marquardt(problems, states, cfg.weights, normals, cfg.fast_iterations, "fast")
+    return levenberg_marquardt(problems, states, cfg.weights, normals, cfg.fast_iterations, "fast", keep_best=True)
 
 
 @dataclass
@@ -554,25 +554,30 @@ class _Carry:
         f64, i64 = xp.float64, xp.int64
         hist = xp.zeros((B, max(iterations, 1), len(EnergyTerms.FIELDS) + 1), dtype=f64)
         hist[:, :, -1] = 1.0  # rows of passes that do not linearise stay skipped
+        # the zero-initialised buffers of each dtype are views of one allocation (one
+        # launch each instead of one per buffer: the first fit of a process runs eagerly)
+        counters = xp.zeros((5, B), dtype=i64)
+        zeros = xp.zeros(B * n * n + 2 * B * n + B, dtype=f64)
+        o = [0, B * n * n, B * n * n + B * n, B * n * n + 2 * B * n]
         return _Carry(
             x=x.copy(),
             best_x=x.copy(),
             mu=xp.full(B, 1e-3, dtype=f64),
             best_total=xp.full(B, math.inf, dtype=f64),
-            stale=xp.zeros(B, dtype=i64),
-            rejects=xp.zeros(B, dtype=i64),
+            stale=counters[0],
+            rejects=counters[1],
             done=xp.zeros(B, dtype=bool),
-            code=xp.zeros(B, dtype=i64),
-            passes=xp.zeros(B, dtype=i64),
-            n_fresh=xp.zeros(B, dtype=i64),
+            code=counters[2],
+            passes=counters[3],
+            n_fresh=counters[4],
             fresh=xp.ones(B, dtype=bool),
             k=xp.zeros((), dtype=i64),
             hist=hist,
-            H=xp.zeros((B, n, n), dtype=f64),
-            g=xp.zeros((B, n), dtype=f64),
-            dH=xp.zeros((B, n), dtype=f64),
+            H=zeros[o[0] : o[1]].reshape(B, n, n),
+            g=zeros[o[1] : o[2]].reshape(B, n),
+            dH=zeros[o[2] : o[3]].reshape(B, n),
             x0=x.copy(),
-            e_total=xp.zeros(B, dtype=f64),
+            e_total=zeros[o[3] :],
         )
 
 
@@ -583,6 +588,7 @@ def levenberg_marquardt(
     normals: list[NormalTargets] | None,
     iterations: int,
     stage: str,
+    keep_best: bool = False,
 ) -> tuple[list[FitState], Any, Any]:
     """Minimise the energy with ``weights`` (and ``normals`` at the render resolution) from
     ``states``, for B images at once.
@@ -597,6 +603,10 @@ def levenberg_marquardt(
     (:class:`~p3dmm.fitting.base.graph.StepGraph`, ``FitConfig.cuda_graphs``). Camera
     values held fixed (:func:`free_variables`) get no step. Each image's result equals its
     own single-image solve (up to the batched solver's round-off).
+
+    ``keep_best``: also keep each image's vertices and render at its best state and leave
+    them in ``problem.evaluated`` for the result (which then needs no forward pass and
+    render of its own).
 
     Returns:
         (states, passes ``(B,)``, stop codes ``(B,)``): per image the best state seen
@@ -618,12 +628,20 @@ def levenberg_marquardt(
     # the vertices and render of each image's best state, kept for its result (which then
     # needs no forward pass or render of its own): on the GPU buffers written in place at
     # each improvement (inside the graph), on the CPU references to the pass's arrays
-    dt = p0.model.v_template.dtype
-    for p in problems:
-        R, N = p.render_size, int(p.uv.vertex_ids.shape[0])
-        c.best_verts.append(xp.zeros((p.model.n_vertices, 3), dtype=dt))
-        c.best_frames.append(Frame(face_id=xp.full((R, R), -1, dtype=xp.int32), bary=xp.zeros((R, R, 3), dtype=dt),
-                                   visible=xp.zeros(N, dtype=bool)))  # fmt: skip
+    # (one allocation per buffer for all images of one render size, each image a view)
+    dt, V = p0.model.v_template.dtype, p0.model.n_vertices
+    shapes = [(p.render_size, int(p.uv.vertex_ids.shape[0])) for p in problems] if keep_best else []
+    bufs: dict[tuple[int, int], Any] = {}
+    for R, N in sorted(set(shapes)):
+        k = shapes.count((R, N))
+        bufs[R, N] = (xp.zeros((k, V, 3), dtype=dt), xp.full((k, R, R), -1, dtype=xp.int32),
+                      xp.zeros((k, R, R, 3), dtype=dt), xp.zeros((k, N), dtype=bool), [0])  # fmt: skip
+    for shape in shapes:
+        verts_b, face_id, bary, visible, used = bufs[shape]
+        j = used[0]
+        used[0] += 1
+        c.best_verts.append(verts_b[j])
+        c.best_frames.append(Frame(face_id=face_id[j], bary=bary[j], visible=visible[j]))
 
     def step() -> None:
         _lm_pass(problems, template, c, weights, normals, relin, frames, dense)
@@ -648,7 +666,7 @@ def levenberg_marquardt(
     for b, p in enumerate(problems):
         p.record_rows(stage, c.hist[b, :iterations])
     out = [template.from_vector(c.best_x[b]) for b in range(B)]
-    if iterations > 0:  # the first pass linearises every image: its best state has a render
+    if keep_best and iterations > 0:  # the first pass linearises every image: its best state has a render
         for b, p in enumerate(problems):
             p.evaluated = (out[b], c.best_verts[b], c.best_frames[b])
     return out, c.passes, c.code
@@ -721,8 +739,8 @@ def _lm_pass(
         better = fresh & finite & (e_total < c.best_total)
         c.best_x[...] = xp.where(better[:, None], c.x, c.best_x)
         c.best_total[...] = xp.where(better, e_total, c.best_total)
-        better_h = None if dense else better.tolist()
-        for j, b in enumerate(idx):
+        better_h = None if dense or not c.best_frames else better.tolist()
+        for j, b in enumerate(idx if c.best_frames else []):
             fr, bf = frames[b], c.best_frames[b]
             if dense:
                 for dst, src in ((bf.face_id, fr.face_id), (bf.bary, fr.bary), (bf.visible, fr.visible),
