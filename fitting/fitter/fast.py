@@ -631,17 +631,18 @@ def levenberg_marquardt(
     # (one allocation per buffer for all images of one render size, each image a view)
     dt, V = p0.model.v_template.dtype, p0.model.n_vertices
     shapes = [(p.render_size, int(p.uv.vertex_ids.shape[0])) for p in problems] if keep_best else []
-    bufs: dict[tuple[int, int], Any] = {}
-    for R, N in sorted(set(shapes)):
-        k = shapes.count((R, N))
-        bufs[R, N] = (xp.zeros((k, V, 3), dtype=dt), xp.full((k, R, R), -1, dtype=xp.int32),
-                      xp.zeros((k, R, R, 3), dtype=dt), xp.zeros((k, N), dtype=bool), [0])  # fmt: skip
-    for shape in shapes:
-        verts_b, face_id, bary, visible, used = bufs[shape]
-        j = used[0]
-        used[0] += 1
-        c.best_verts.append(verts_b[j])
-        c.best_frames.append(Frame(face_id=face_id[j], bary=bary[j], visible=visible[j]))
+    if shapes:
+        c.best_verts, c.best_frames = [None] * B, [None] * B
+    for R, N in set(shapes):
+        members = [b for b, sh in enumerate(shapes) if sh == (R, N)]
+        k = len(members)
+        verts_b = xp.zeros((k, V, 3), dtype=dt)
+        face_id = xp.full((k, R, R), -1, dtype=xp.int32)
+        bary = xp.zeros((k, R, R, 3), dtype=dt)
+        visible = xp.zeros((k, N), dtype=bool)
+        for j, b in enumerate(members):
+            c.best_verts[b] = verts_b[j]
+            c.best_frames[b] = Frame(face_id=face_id[j], bary=bary[j], visible=visible[j])
 
     def step() -> None:
         _lm_pass(problems, template, c, weights, normals, relin, frames, dense)

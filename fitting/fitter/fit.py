@@ -91,8 +91,8 @@ def fit_batch(
     """:func:`fit` of several images with one set of launches per solver pass.
 
     The images share the model and the configuration. The maps of same-size images are
-    checked, masked and downsampled as one stack (:func:`~.problem.prepare_problems`; the
-    UV correspondences are searched per image); the fast solver and the
+    checked, masked, downsampled and searched for their UV correspondences as one stack
+    (:func:`~.problem.prepare_problems`); the fast solver and the
     initialisation's UV stage then run on all of them at once
     (:func:`~.fast.levenberg_marquardt`: stacked variables, one batched solve of the B
     damped systems, per-image damping, acceptance and stopping; a stopped image is

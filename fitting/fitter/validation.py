@@ -23,7 +23,6 @@ __all__ = [
     "map_checks",
     "require_maps",
     "stack_maps",
-    "validate_observation",
 ]
 
 
@@ -164,24 +163,6 @@ def require_maps(checks: DeviceChecks, counts: Any, config: FitConfig) -> None:
         lambda n: n >= min_px,
         lambda n: FittingError(f"fit: observation.mask has {n} pixels, fewer than min_mask_pixels={min_px}"),
     )
-
-
-def validate_observation(
-    obs: Observation, model: FlameModel, config: FitConfig, xp: Any, checks: DeviceChecks
-) -> tuple[Any, Any, Any]:
-    """Check the observation; returns (normals, uv, mask) on the fitting device.
-
-    Shapes, dtypes and the model are checked on the host at once (:func:`check_observation`).
-    The checks that need the data (non-finite masked pixels, UV outside [0, 1], mask size)
-    go through ``checks``: immediate on NumPy, read with the result on CuPy (maps already
-    on the device stay there). :func:`p3dmm.fitting.fit_batch` runs the same checks on
-    the stacked maps of same-size images (:func:`stack_maps`, :func:`map_checks`).
-    """
-    check_observation(obs, model)
-    uv, normals, mask = stack_maps([obs], xp)
-    counts, normals, uv = map_checks(uv, normals, mask)
-    require_maps(checks, counts[:, 0], config)
-    return normals[0], uv[0], mask[0]
 
 
 # ======================================================================= the UV atlas
